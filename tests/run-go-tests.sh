@@ -6,7 +6,7 @@
 set -uo pipefail
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-go test -count=1 -timeout "${GO_TIMEOUT:-45m}" -v "$@" 2>&1 | tee "$log"
+go test -count=1 -timeout "${GO_TIMEOUT:-45m}" ${GO_TEST_TAGS:+-tags "$GO_TEST_TAGS"} -v "$@" 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 passed=$(grep -cE '^\s*--- PASS' "$log")
 failed=$(grep -cE '^\s*--- FAIL' "$log")
