@@ -15,6 +15,15 @@ if is_running kube-apiserver && is_running kubelet && https_ok "$API_URL/readyz"
 	log "cluster already up ($API_URL)"
 	exit 0
 fi
+# A cluster whose processes all died (a killed session, a reboot) leaves
+# mounts, the bridge and iptables rules behind: clear them before starting.
+stale=0
+for f in "$RUN"/*.pid; do [ -f "$f" ] && stale=1; done
+for f in "$RUN"/*.pid; do [ -f "$f" ] && is_running "$(basename "$f" .pid)" && stale=0; done
+if [ "$stale" = 1 ]; then
+	log "cleaning up after a cluster whose processes are gone"
+	"$HERE/down.sh"
+fi
 t0=$SECONDS
 
 # --- binaries: upstream ones from the version-keyed cache, ours built now ---
