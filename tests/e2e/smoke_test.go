@@ -184,8 +184,11 @@ spec:
   - name: wget
     image: %s
     imagePullPolicy: Never
+    # kube-proxy's rules and CoreDNS's records follow the endpoints a moment
+    # after the server is ready: retry ten times, a second apart, as a real
+    # client would.
     # Not wget -T: Debian's static busybox wget segfaults with it.
-    command: [/bin/sh, -ec, "timeout 10 wget -q -O - %s"]
+    command: [/bin/sh, -c, "for i in 1 2 3 4 5 6 7 8 9 10; do timeout 5 wget -q -O - %s && exit 0; sleep 1; done; exit 1"]
 `, pod, busybox, url))
 			f.WaitForPodPhase(pod, corev1.PodSucceeded, 2*time.Minute)
 			if got := strings.TrimSpace(f.PodLogs(pod)); got != token {
