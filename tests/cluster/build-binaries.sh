@@ -129,10 +129,10 @@ GO
 	(cd "$work" && go mod tidy >/dev/null && CGO_ENABLED=0 go build -trimpath -ldflags '-s -w' -o "$work/bin/coredns" .)
 }
 
-build_k8s() { cached_build "kubernetes $K8S_VERSION (cold: ~13 min)" "$(k8s_dir)" "${K8S_BINS[*]}" k8s_build; }
-build_etcd() { cached_build "etcd $ETCD_VERSION (cold: ~1 min)" "$(etcd_dir)" "etcd etcdctl" etcd_build; }
-build_provisioner() { cached_build "csi-provisioner $PROVISIONER_VERSION (cold: ~3 min)" "$(provisioner_dir)" csi-provisioner provisioner_build; }
-build_coredns() { cached_build "coredns $COREDNS_VERSION (cold: ~1 min)" "$(coredns_dir)" coredns coredns_build; }
+build_k8s() { cached_build "kubernetes $K8S_VERSION (cold: ~11 min)" "$(k8s_dir)" "${K8S_BINS[*]}" k8s_build; }
+build_etcd() { cached_build "etcd $ETCD_VERSION (cold: ~2 min)" "$(etcd_dir)" "etcd etcdctl" etcd_build; }
+build_provisioner() { cached_build "csi-provisioner $PROVISIONER_VERSION (cold: ~3.5 min)" "$(provisioner_dir)" csi-provisioner provisioner_build; }
+build_coredns() { cached_build "coredns $COREDNS_VERSION (cold: ~2.5 min)" "$(coredns_dir)" coredns coredns_build; }
 
 if [ "${1:-}" = "--print-dir" ]; then
 	case "${2:-}" in
