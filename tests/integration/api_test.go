@@ -16,6 +16,7 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/client-go/dynamic"
 	"sigs.k8s.io/yaml"
 
 	v1alpha2 "vimg.dev/vimg/pkg/apis/virtualization/v1alpha2"
@@ -62,6 +63,16 @@ func readManifest(t *testing.T, path string) (*unstructured.Unstructured, []byte
 	return u, data
 }
 
+// resource is the client for gvr in namespace ns, or cluster-wide when ns is "".
+func resource(t *testing.T, gvr schema.GroupVersionResource, ns string) dynamic.ResourceInterface {
+	t.Helper()
+	ri := dynamicClient(t).Resource(gvr)
+	if ns == "" {
+		return ri
+	}
+	return ri.Namespace(ns)
+}
+
 func gvrOf(u *unstructured.Unstructured) schema.GroupVersionResource {
 	if u.GetKind() == "ClusterVirtualImage" {
 		return cviGVR
@@ -89,16 +100,11 @@ func applyAndCompare(t *testing.T, path string, data []byte) {
 	} else if !strings.Contains(out, "created") {
 		t.Fatalf("kubectl apply %s printed %q, want a created object", path, out)
 	}
-	dc := dynamicClient(t)
-	ri := dc.Resource(gvrOf(want))
-	var got *unstructured.Unstructured
-	var err error
-	if ns != "" {
-		got, err = ri.Namespace(ns).Get(ctxFor(t), want.GetName(), metav1.GetOptions{})
-	} else {
-		got, err = ri.Get(ctxFor(t), want.GetName(), metav1.GetOptions{})
-		t.Cleanup(func() { _ = ri.Delete(context.Background(), want.GetName(), metav1.DeleteOptions{}) })
+	r := resource(t, gvrOf(want), ns)
+	if ns == "" {
+		t.Cleanup(func() { _ = r.Delete(context.Background(), want.GetName(), metav1.DeleteOptions{}) })
 	}
+	got, err := r.Get(ctxFor(t), want.GetName(), metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -193,14 +199,11 @@ func TestInvalidManifests_AreRejectedWithTheirReason(t *testing.T) {
 			if !strings.Contains(err.Error(), want) {
 				t.Fatalf("rejected with\n  %v\nwant a message containing\n  %s", err, want)
 			}
-			ri := dynamicClient(t).Resource(gvrOf(obj))
-			var getErr error
+			objNS := ""
 			if obj.GetKind() == "VirtualImage" {
-				_, getErr = ri.Namespace(ns).Get(ctxFor(t), obj.GetName(), metav1.GetOptions{})
-			} else {
-				_, getErr = ri.Get(ctxFor(t), obj.GetName(), metav1.GetOptions{})
+				objNS = ns
 			}
-			if getErr == nil {
+			if _, err := resource(t, gvrOf(obj), objNS).Get(ctxFor(t), obj.GetName(), metav1.GetOptions{}); err == nil {
 				t.Fatalf("%s was rejected but the object exists", f)
 			}
 		})
@@ -233,15 +236,7 @@ spec:
 // will, and checks that the main resource ignores status.
 func setStatus(t *testing.T, gvr schema.GroupVersionResource, ns, name string, status map[string]any) {
 	t.Helper()
-	ri := dynamicClient(t).Resource(gvr)
-	var r interface {
-		Get(context.Context, string, metav1.GetOptions, ...string) (*unstructured.Unstructured, error)
-		Update(context.Context, *unstructured.Unstructured, metav1.UpdateOptions, ...string) (*unstructured.Unstructured, error)
-		UpdateStatus(context.Context, *unstructured.Unstructured, metav1.UpdateOptions) (*unstructured.Unstructured, error)
-	} = ri
-	if ns != "" {
-		r = ri.Namespace(ns)
-	}
+	r := resource(t, gvr, ns)
 	obj, err := r.Get(ctxFor(t), name, metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
