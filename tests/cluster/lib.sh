@@ -69,6 +69,11 @@ wait_for() {
 	done
 }
 
+# cluster_up: our API server runs and is ready.
+cluster_up() {
+	is_running kube-apiserver && https_ok "$API_URL/readyz" "$PKI/admin.crt" "$PKI/admin.key" >/dev/null 2>&1
+}
+
 https_ok() { # URL [client-cert client-key]
 	if [ $# -ge 3 ]; then
 		curl -fsS --max-time 3 --cacert "$PKI/ca.crt" --cert "$2" --key "$3" "$1"

@@ -6,7 +6,7 @@ set -uo pipefail
 source "$(dirname "$0")/lib.sh"
 
 reuse=0
-if is_running kube-apiserver && https_ok "$API_URL/readyz" "$PKI/admin.crt" "$PKI/admin.key" >/dev/null 2>&1; then
+if cluster_up; then
 	reuse=1
 	log "reusing the running cluster"
 else

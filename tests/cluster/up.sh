@@ -11,7 +11,7 @@ for tool in containerd runc ctr iptables ip losetup openssl curl busybox; do
 	command -v "$tool" >/dev/null || die "$tool is missing: run .ci/run once, or apt-get install the packages listed in tests/cluster/README.md"
 done
 
-if is_running kube-apiserver && is_running kubelet && https_ok "$API_URL/readyz" "$PKI/admin.crt" "$PKI/admin.key" >/dev/null 2>&1; then
+if cluster_up && is_running kubelet; then
 	log "cluster already up ($API_URL)"
 	exit 0
 fi
