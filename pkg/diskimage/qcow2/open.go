@@ -1,0 +1,206 @@
+package qcow2
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+
+	"github.com/lima-vm/go-qcow2reader/image"
+	lib "github.com/lima-vm/go-qcow2reader/image/qcow2"
+	liblog "github.com/lima-vm/go-qcow2reader/log"
+
+	"vimg.dev/vimg/pkg/diskimage/codec"
+	"vimg.dev/vimg/pkg/diskimage/stream"
+)
+
+func init() {
+	// The library logs through the standard logger; our callers report
+	// problems as errors instead.
+	liblog.SetWarnFunc(nil)
+	lib.SetDecompressor(lib.CompressionTypeZlib, decompressor(stream.Deflate))
+	lib.SetDecompressor(lib.CompressionTypeZstd, decompressor(stream.Zstd))
+}
+
+// Image is a qcow2 image opened for random access. ReadAt and Extent are safe
+// for concurrent use.
+type Image struct {
+	image.Image
+	header *Header
+}
+
+// Header returns the checked header.
+func (img *Image) Header() *Header { return img.header }
+
+// Open checks a qcow2 file end to end (header, tables, where every cluster
+// points) and opens it with go-qcow2reader. size is the file size.
+//
+// The library trusts its input: it would open a backing file named by the
+// image, allocate an L1 table as large as the header says, and read clusters
+// from wherever L2 entries point. Everything it would trust is checked here
+// first, reading only metadata (a few MiB for a large image).
+func Open(ra io.ReaderAt, size int64) (*Image, error) {
+	hdr := make([]byte, min(size, 1<<maxClusterBits))
+	if _, err := ra.ReadAt(hdr, 0); err != nil && !errors.Is(err, io.EOF) {
+		return nil, fmt.Errorf("qcow2: reading header: %w", err)
+	}
+	h, err := ParseHeader(hdr, size)
+	if err != nil {
+		return nil, err
+	}
+	if err := h.checkTables(ra, size); err != nil {
+		return nil, err
+	}
+	cra := &clusterReaderAt{ReaderAt: ra, clusterSize: h.ClusterSize, fileSize: size}
+	li, err := lib.Open(cra, nil)
+	if err != nil {
+		return nil, fmt.Errorf("qcow2: %w", err)
+	}
+	if err := li.Readable(); err != nil {
+		return nil, fmt.Errorf("qcow2: %w", err)
+	}
+	return &Image{Image: li, header: h}, nil
+}
+
+// checkTables reads the L1 table, the refcount table and every L2 table and
+// checks each mapping against the file size and the metadata.
+func (h *Header) checkTables(ra io.ReaderAt, size int64) error {
+	m := h.fixedMetadata()
+	if h.RefcountBytes > 0 {
+		if h.RefcountOffset%h.ClusterSize != 0 || h.RefcountOffset+h.RefcountBytes > size {
+			return corrupt("refcount table at %d (%d bytes) lies beyond the end of the file (%d bytes)", h.RefcountOffset, h.RefcountBytes, size)
+		}
+		rt := make([]byte, h.RefcountBytes)
+		if _, err := ra.ReadAt(rt, h.RefcountOffset); err != nil {
+			return fmt.Errorf("qcow2: reading refcount table: %w", err)
+		}
+		if err := h.refcountBlocks(rt, size, m); err != nil {
+			return err
+		}
+	}
+	l1 := make([]byte, h.L1Size*8)
+	if _, err := ra.ReadAt(l1, h.L1Offset); err != nil {
+		return fmt.Errorf("qcow2: reading L1 table: %w", err)
+	}
+	l2s, err := h.l1Entries(l1, size, m)
+	if err != nil {
+		return err
+	}
+	table := make([]byte, h.ClusterSize)
+	perTable := h.L2Entries()
+	es := h.L2EntrySize()
+	for i, off := range l2s {
+		if off == 0 {
+			continue
+		}
+		if _, err := ra.ReadAt(table, off); err != nil {
+			return fmt.Errorf("qcow2: reading L2 table %d at %d: %w", i, off, err)
+		}
+		for j := int64(0); j < perTable; j++ {
+			guest := (int64(i)*perTable + j) * h.ClusterSize
+			if guest >= h.Size {
+				break
+			}
+			var ext uint64
+			if h.ExtendedL2 {
+				ext = binary.BigEndian.Uint64(table[j*es+8:])
+			}
+			mp, err := h.decodeL2(binary.BigEndian.Uint64(table[j*es:]), ext)
+			if err != nil {
+				return fmt.Errorf("%w (guest offset %d)", err, guest)
+			}
+			if err := h.checkData(mp, guest, size, m); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// clusterReaderAt carries the cluster size to the decompressor, which the
+// library calls with only a section of the file.
+type clusterReaderAt struct {
+	io.ReaderAt
+	clusterSize int64
+	fileSize    int64
+}
+
+// ReadAt pads a short read at the end of the file with zeros. Every mapping
+// was checked to lie inside the file, but the library reads a compressed
+// cluster as "cluster size + extra sectors", which can run past EOF for the
+// last one; qemu's block layer reads zeros there too.
+func (c *clusterReaderAt) ReadAt(p []byte, off int64) (int, error) {
+	n, err := c.ReaderAt.ReadAt(p, off)
+	if errors.Is(err, io.EOF) && off < c.fileSize {
+		clear(p[n:])
+		return len(p), nil
+	}
+	return n, err
+}
+
+// errSpill marks a stream that would need more spill space than allowed.
+var errSpill = fmt.Errorf("qcow2: %w", stream.ErrUnsupported)
+
+var bufPool = sync.Pool{New: func() any { b := make([]byte, 0, 64<<10); return &b }}
+
+func getBuf(n int) *[]byte {
+	b := bufPool.Get().(*[]byte)
+	if cap(*b) < n {
+		*b = make([]byte, n)
+	}
+	*b = (*b)[:n]
+	return b
+}
+
+// decompressor returns the library hook for one codec: it reads the whole
+// compressed extent in one call and decodes it with vimg's codec (libdeflate
+// when built with cgo), refusing output larger than one cluster.
+func decompressor(c stream.Codec) lib.Decompressor {
+	return func(r io.Reader) (io.ReadCloser, error) {
+		sr, ok := r.(*io.SectionReader)
+		if !ok {
+			return nil, fmt.Errorf("qcow2: decompressor called with %T", r)
+		}
+		outer, _, _ := sr.Outer()
+		cra, ok := outer.(*clusterReaderAt)
+		if !ok {
+			return nil, fmt.Errorf("qcow2: decompressor called on an unchecked image")
+		}
+		in := getBuf(int(sr.Size()))
+		defer bufPool.Put(in)
+		if _, err := io.ReadFull(sr, *in); err != nil {
+			return nil, fmt.Errorf("reading compressed cluster: %w", err)
+		}
+		out := getBuf(int(cra.clusterSize))
+		n, err := codec.Decode(c, *out, *in)
+		if err != nil {
+			bufPool.Put(out)
+			return nil, err
+		}
+		clear((*out)[n:]) // a short cluster reads as zeros past its end
+		return &clusterReader{buf: out}, nil
+	}
+}
+
+type clusterReader struct {
+	buf *[]byte
+	off int
+}
+
+func (r *clusterReader) Read(p []byte) (int, error) {
+	if r.off >= len(*r.buf) {
+		return 0, io.EOF
+	}
+	n := copy(p, (*r.buf)[r.off:])
+	r.off += n
+	return n, nil
+}
+
+func (r *clusterReader) Close() error {
+	if r.buf != nil {
+		bufPool.Put(r.buf)
+		r.buf = nil
+	}
+	return nil
+}
