@@ -7,6 +7,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"vimg.dev/vimg/pkg/diskimage/codec"
 	"vimg.dev/vimg/pkg/version"
 )
 
@@ -27,6 +28,7 @@ func newVersionCommand() *cobra.Command {
 					"version":   version.Get(),
 					"goVersion": runtime.Version(),
 					"platform":  runtime.GOOS + "/" + runtime.GOARCH,
+					"inflate":   codec.Implementation(),
 				})
 			default:
 				return fmt.Errorf("unknown --output %q: use json, or omit it for one line", output)

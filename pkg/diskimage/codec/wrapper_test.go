@@ -11,8 +11,8 @@ import (
 	"testing"
 	"testing/iotest"
 
-	"vimg.dev/vimg/pkg/diskimage/internal/testimg"
 	"vimg.dev/vimg/pkg/diskimage/stream"
+	"vimg.dev/vimg/pkg/diskimage/testimg"
 )
 
 // wrapped is a file compressed by a real tool, and what it holds.

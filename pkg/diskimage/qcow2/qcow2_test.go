@@ -11,8 +11,8 @@ import (
 	"testing"
 
 	"vimg.dev/vimg/pkg/diskimage/codec"
-	"vimg.dev/vimg/pkg/diskimage/internal/testimg"
 	"vimg.dev/vimg/pkg/diskimage/stream"
+	"vimg.dev/vimg/pkg/diskimage/testimg"
 )
 
 // variants are qemu-img option sets covering what the issue lists.

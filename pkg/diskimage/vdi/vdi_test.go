@@ -14,8 +14,8 @@ import (
 	"testing"
 	"testing/iotest"
 
-	"vimg.dev/vimg/pkg/diskimage/internal/testimg"
 	"vimg.dev/vimg/pkg/diskimage/stream"
+	"vimg.dev/vimg/pkg/diskimage/testimg"
 )
 
 // makeVDI converts raw to a VDI with qemu-img and returns its path.

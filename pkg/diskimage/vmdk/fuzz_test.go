@@ -5,7 +5,7 @@ import (
 	"encoding/binary"
 	"testing"
 
-	"vimg.dev/vimg/pkg/diskimage/internal/testimg"
+	"vimg.dev/vimg/pkg/diskimage/testimg"
 )
 
 // maxFuzzInput caps fuzz inputs: big enough for the seeds, small enough

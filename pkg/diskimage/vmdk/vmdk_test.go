@@ -17,8 +17,8 @@ import (
 	"github.com/klauspost/compress/zlib"
 
 	"vimg.dev/vimg/pkg/diskimage/codec"
-	"vimg.dev/vimg/pkg/diskimage/internal/testimg"
 	"vimg.dev/vimg/pkg/diskimage/stream"
+	"vimg.dev/vimg/pkg/diskimage/testimg"
 )
 
 const (

@@ -1,4 +1,4 @@
-// Package testimg makes real disk images for tests with Debian's qemu-img,
+// Package testimg makes real disk images for tests (of this module only) with Debian's qemu-img,
 // so that no opaque binary is checked in and every format variant comes from
 // the reference implementation.
 package testimg

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Runs every `go test -fuzz` target in the given packages for a short time
+# each (first argument, e.g. 10s), after its seed corpus. A failure stops the
+# run; go test leaves the failing input in the package's testdata/fuzz.
+set -euo pipefail
+fuzztime=$1
+shift
+ran=0
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+for pkg in $(go list "$@"); do
+	targets=$(go test -list '^Fuzz' "$pkg" | grep '^Fuzz' || true)
+	for target in $targets; do
+		echo "fuzz: $pkg $target for $fuzztime"
+		if ! go test -run '^$' -fuzz "^${target}\$" -fuzztime "$fuzztime" "$pkg" >"$log" 2>&1; then
+			cat "$log"
+			echo "fuzz: $target in $pkg failed" >&2
+			exit 1
+		fi
+		tail -n 2 "$log"
+		ran=$((ran + 1))
+	done
+done
+if [ "$ran" -eq 0 ]; then
+	echo "fuzz: no fuzz targets found in $*" >&2
+	exit 1
+fi
+echo "fuzz: $ran targets ran for $fuzztime each, no failures"
