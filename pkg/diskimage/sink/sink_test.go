@@ -167,8 +167,41 @@ func TestOpenRefuses(t *testing.T) {
 	if _, err := Open(filepath.Join(dir, "no", "such", "dir"), mib); err == nil {
 		t.Errorf("missing directory: no error")
 	}
-	if _, err := Open(filepath.Join(dir, "x"), -1); err == nil {
+	if _, err := Open(filepath.Join(dir, "x"), -2); err == nil {
 		t.Errorf("negative size: no error")
+	}
+}
+
+// TestOpenUnknownSizeGrows covers raw streams whose length is known only at
+// their end: the file takes writes anywhere, then Truncate fixes its size.
+func TestOpenUnknownSizeGrows(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "grow.raw")
+	tg, err := Open(p, Unknown)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tg.Close()
+	if _, err := tg.WriteAt([]byte("tail"), 5*mib); err != nil {
+		t.Fatal(err)
+	}
+	if err := tg.(Truncater).Truncate(6 * mib); err != nil {
+		t.Fatal(err)
+	}
+	if tg.Size() != 6*mib {
+		t.Fatalf("size %d after Truncate, want %d", tg.Size(), 6*mib)
+	}
+	if _, err := tg.WriteAt([]byte("x"), 6*mib); err == nil {
+		t.Fatal("write past the fixed size accepted")
+	}
+	if err := tg.Zero(0, 5*mib); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if int64(len(b)) != 6*mib || string(b[5*mib:5*mib+4]) != "tail" {
+		t.Fatalf("file is %d bytes with %q at 5 MiB", len(b), b[5*mib:5*mib+4])
 	}
 }
 
