@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 
 	"vimg.dev/vimg/pkg/diskimage/stream"
 )
@@ -154,8 +155,8 @@ func (d *decoder) describe(t target) string {
 // what lies between) or taking them from what was already read.
 func (d *decoder) fetch(t target) ([]byte, error) {
 	if t.host < d.pos {
-		if b, ok := d.fromTail(t.host, t.n); ok {
-			return b, nil
+		if b, ok, err := d.fromTail(t); ok || err != nil {
+			return b, err
 		}
 		if b, ok := d.spill.take(t.host, t.n); ok {
 			return b, nil
@@ -167,13 +168,12 @@ func (d *decoder) fetch(t target) ([]byte, error) {
 			return nil, fmt.Errorf("%w (while looking for %s)", err, d.describe(t))
 		}
 	}
-	b := make([]byte, t.n)
-	n, err := io.ReadFull(d.r, b)
+	b, n, err := readTarget(d.r, t.n)
 	d.pos += int64(n)
 	if err != nil {
 		// A compressed cluster's last sector may run past the end of file.
-		if t.kind == tData && t.mp.kind == kindCompressed && errors.Is(err, io.ErrUnexpectedEOF) && t.n-int64(n) < sectorSize {
-			clear(b[n:])
+		if errors.Is(err, io.ErrUnexpectedEOF) && shortOK(t, t.n-int64(n)) {
+			b = append(b[:n], make([]byte, t.n-int64(n))...)
 			d.keepTail(b[:n])
 			return b, nil
 		}
@@ -192,6 +192,40 @@ func (d *decoder) fetch(t target) ([]byte, error) {
 		}
 	}
 	return b, nil
+}
+
+// shortOK reports whether t may end missing bytes past the end of the file:
+// only a compressed cluster's last sector, which qemu reads as zeros.
+func shortOK(t target, missing int64) bool {
+	return t.kind == tData && t.mp.kind == kindCompressed && missing < sectorSize
+}
+
+// readTarget reads n bytes into a buffer of n bytes, returning how many it
+// read. A large target (an L1 table may be 32 MiB) is read in steps into a
+// growing buffer, so that a stream ending early costs the bytes it held
+// rather than what its header claimed.
+func readTarget(r io.Reader, n int64) ([]byte, int, error) {
+	const step = 1 << 20
+	if n <= step {
+		b := make([]byte, n)
+		m, err := io.ReadFull(r, b)
+		return b, m, err
+	}
+	b := make([]byte, 0, step)
+	for int64(len(b)) < n {
+		if len(b) == cap(b) {
+			b = slices.Grow(b, int(min(int64(cap(b)), n-int64(len(b)))))
+		}
+		m, err := io.ReadFull(r, b[len(b):min(int64(cap(b)), n)])
+		b = b[:len(b)+m]
+		if err != nil {
+			if errors.Is(err, io.EOF) && len(b) > 0 {
+				err = io.ErrUnexpectedEOF
+			}
+			return b, len(b), err
+		}
+	}
+	return b, len(b), nil
 }
 
 // skip consumes n bytes whose meaning is not known yet: they are kept while
@@ -235,31 +269,40 @@ func (d *decoder) keepTail(b []byte) {
 	}
 }
 
-func (d *decoder) fromTail(host, n int64) ([]byte, bool) {
+// fromTail returns t's bytes if they start in the tail (t.host < d.pos),
+// reading on when they run past pos. ok is false when they are not there;
+// err reports a file that ends too soon.
+func (d *decoder) fromTail(t target) (b []byte, ok bool, err error) {
+	host, n := t.host, t.n
 	start := d.pos - int64(len(d.tail))
-	if host < start || host+n > d.pos {
-		// A compressed cluster may start in the tail and end past pos.
-		if host >= start && host < d.pos && host+n > d.pos {
-			b := make([]byte, n)
-			k := copy(b, d.tail[host-start:])
-			m, err := io.ReadFull(d.r, b[k:])
-			d.pos += int64(m)
-			if err != nil && !(errors.Is(err, io.ErrUnexpectedEOF) && n-int64(k+m) < sectorSize) {
-				return nil, false
-			}
-			d.keepTail(b[k : k+m])
-			if d.l2Left != 0 && m > 0 {
-				// As in fetch: the last sector may start a cluster not mapped yet.
-				keep := min(m, sectorSize)
-				if err := d.spill.put(d.pos-int64(keep), b[k+m-keep:k+m]); err != nil {
-					return nil, false
-				}
-			}
-			return b, true
-		}
-		return nil, false
+	if host < start {
+		return nil, false, nil
 	}
-	return append([]byte(nil), d.tail[host-start:host-start+n]...), true
+	if host+n <= d.pos {
+		return append([]byte(nil), d.tail[host-start:host-start+n]...), true, nil
+	}
+	// A compressed cluster may start in the tail and end past pos.
+	b = make([]byte, n)
+	k := copy(b, d.tail[host-start:])
+	m, err := io.ReadFull(d.r, b[k:])
+	d.pos += int64(m)
+	if err != nil {
+		if !errors.Is(err, io.EOF) && !errors.Is(err, io.ErrUnexpectedEOF) {
+			return nil, false, fmt.Errorf("qcow2: reading %s: %w", d.describe(t), err)
+		}
+		if !shortOK(t, n-int64(k+m)) {
+			return nil, false, corrupt("file is truncated: %s ends past the end of the file (%d bytes)", d.describe(t), d.pos)
+		}
+	}
+	d.keepTail(b[k : k+m])
+	if d.l2Left != 0 && m > 0 {
+		// As in fetch: the last sector may start a cluster not mapped yet.
+		keep := min(m, sectorSize)
+		if err := d.spill.put(d.pos-int64(keep), b[k+m-keep:k+m]); err != nil {
+			return nil, false, err
+		}
+	}
+	return b, true, nil
 }
 
 func (d *decoder) handle(t target, b []byte) error {

@@ -32,6 +32,9 @@ const (
 	// maxRefcountTableBytes mirrors QCOW_MAX_REFTABLE_SIZE (8 MiB).
 	maxRefcountTableBytes = 8 << 20
 	maxHeaderLength       = 4096
+	// maxHostOffset bounds table offsets: L1 and L2 entries cannot address
+	// more (bits 9-55), and it keeps offset+length far from overflowing.
+	maxHostOffset = 1 << 56
 )
 
 // Incompatible feature bits (qcow2 spec, header bytes 72-79).
@@ -118,8 +121,9 @@ func ParseHeader(b []byte, fileSize int64) (*Header, error) {
 	backingOffset, backingSize := be.Uint64(b[8:]), be.Uint32(b[16:])
 	if backingOffset != 0 {
 		name := "?"
-		if end := backingOffset + uint64(backingSize); backingSize <= 1023 && end <= uint64(len(b)) {
-			name = string(b[backingOffset:end])
+		// Compared without adding: offset+size may wrap around.
+		if backingSize <= 1023 && backingOffset <= uint64(len(b)) && uint64(backingSize) <= uint64(len(b))-backingOffset {
+			name = string(b[backingOffset : backingOffset+uint64(backingSize)])
 		}
 		return nil, unsupported("image has a backing file %q: vimg imports self-contained images only; flatten it first with `qemu-img convert -O qcow2 in.qcow2 out.qcow2`", name)
 	}
@@ -137,8 +141,7 @@ func ParseHeader(b []byte, fileSize int64) (*Header, error) {
 		return nil, unsupported("image is encrypted (crypt_method %d): decrypt it first with qemu-img convert", crypt)
 	}
 	l1Size := be.Uint32(b[36:])
-	h.L1Offset = int64(be.Uint64(b[40:]) & (1<<63 - 1))
-	h.RefcountOffset = int64(be.Uint64(b[48:]) & (1<<63 - 1))
+	l1Offset, refcountOffset := be.Uint64(b[40:]), be.Uint64(b[48:])
 	h.RefcountBytes = int64(be.Uint32(b[56:])) * h.ClusterSize
 	h.HeaderLength = 72
 
@@ -194,11 +197,31 @@ func ParseHeader(b []byte, fileSize int64) (*Header, error) {
 	if h.RefcountBytes > maxRefcountTableBytes {
 		return nil, corrupt("refcount table of %d bytes exceeds the %d byte limit", h.RefcountBytes, maxRefcountTableBytes)
 	}
-	if h.L1Size > 0 && (h.L1Offset == 0 || h.L1Offset%h.ClusterSize != 0) {
-		return nil, corrupt("L1 table offset %d is not cluster aligned", h.L1Offset)
+	// Offsets are checked as read (the library uses all 64 bits) and only
+	// for tables that exist: an empty disk has neither offset set.
+	if h.L1Size > 0 {
+		if l1Offset >= maxHostOffset {
+			return nil, corrupt("L1 table offset %#x is out of range", l1Offset)
+		}
+		h.L1Offset = int64(l1Offset)
+		if h.L1Offset == 0 || h.L1Offset%h.ClusterSize != 0 {
+			return nil, corrupt("L1 table offset %d is not cluster aligned", h.L1Offset)
+		}
+		if fileSize >= 0 && h.L1Offset+h.L1Size*8 > fileSize {
+			return nil, corrupt("L1 table at %d (%d entries) lies beyond the end of the file (%d bytes)", h.L1Offset, h.L1Size, fileSize)
+		}
 	}
-	if fileSize >= 0 && h.L1Offset+h.L1Size*8 > fileSize {
-		return nil, corrupt("L1 table at %d (%d entries) lies beyond the end of the file (%d bytes)", h.L1Offset, h.L1Size, fileSize)
+	if h.RefcountBytes > 0 {
+		if refcountOffset >= maxHostOffset {
+			return nil, corrupt("refcount table offset %#x is out of range", refcountOffset)
+		}
+		h.RefcountOffset = int64(refcountOffset)
+		if h.RefcountOffset%h.ClusterSize != 0 {
+			return nil, corrupt("refcount table offset %d is not cluster aligned", h.RefcountOffset)
+		}
+		if fileSize >= 0 && h.RefcountOffset+h.RefcountBytes > fileSize {
+			return nil, corrupt("refcount table at %d (%d bytes) lies beyond the end of the file (%d bytes)", h.RefcountOffset, h.RefcountBytes, fileSize)
+		}
 	}
 	if err := h.parseExtensions(b); err != nil {
 		return nil, err

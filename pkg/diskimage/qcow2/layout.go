@@ -2,6 +2,7 @@ package qcow2
 
 import (
 	"encoding/binary"
+	"slices"
 	"sort"
 )
 
@@ -53,6 +54,12 @@ func (h *Header) decodeL2(e, ext uint64) (mapping, error) {
 	}
 	host := int64(e & l2OffsetMask)
 	if h.ExtendedL2 {
+		if e&l2ZeroFlag != 0 {
+			// qemu ignores the bit here and reads the subclusters; the
+			// library would report the cluster as a zero extent, which
+			// callers skip.
+			return mapping{}, corrupt("L2 entry %#x has the zero flag, which extended L2 entries do not use", e)
+		}
 		alloc, zero := uint32(ext), uint32(ext>>32)
 		if alloc&zero != 0 {
 			return mapping{}, corrupt("extended L2 entry marks subclusters both allocated and zero (%#x)", ext)
@@ -79,10 +86,21 @@ func (h *Header) decodeL2(e, ext uint64) (mapping, error) {
 		}
 		return mapping{kind: kindSubclusters, host: host, hostLen: top * (h.ClusterSize / 32), alloc: alloc, zeroBits: zero}, nil
 	}
-	if e&l2ZeroFlag != 0 && h.Version == 3 {
+	if e&l2ZeroFlag != 0 {
+		if h.Version < 3 {
+			// qemu refuses to read such a cluster (and marks the image
+			// corrupt); the library would read zeros, a data reader the
+			// host cluster.
+			return mapping{}, corrupt("L2 entry %#x has the zero flag, which version 2 images do not have", e)
+		}
 		return mapping{kind: kindZero}, nil
 	}
 	if host == 0 {
+		if e&(l2Compressed-1) != 0 {
+			// qemu ignores the reserved bits and reads zeros; the library
+			// takes the entry for a cluster at offset 0 and fails to read it.
+			return mapping{}, corrupt("L2 entry %#x sets reserved bits but no host offset", e)
+		}
 		return mapping{kind: kindUnallocated}, nil
 	}
 	if host%h.ClusterSize != 0 {
@@ -172,12 +190,39 @@ func (h *Header) l1Entries(b []byte, fileSize int64, m *metadata) ([]int64, erro
 		}
 		l2[i] = off
 	}
+	if err := sharedTable(l2); err != nil {
+		return nil, err
+	}
 	for _, off := range l2 {
 		if off != 0 {
 			m.add(off, h.ClusterSize)
 		}
 	}
 	return l2, nil
+}
+
+// sharedTable refuses an L1 table that names one L2 table twice. qemu never
+// writes one (an L2 table belongs to one L1 entry; only snapshots share
+// them, between L1 tables), and it would let a small file map every L1
+// entry through the same table: the work of checking and decoding the disk
+// would then grow with the virtual size instead of the file.
+func sharedTable(l2 []int64) error {
+	offs := make([]int64, 0, len(l2))
+	for _, off := range l2 {
+		if off != 0 {
+			offs = append(offs, off)
+		}
+	}
+	slices.Sort(offs)
+	for i := 1; i < len(offs); i++ {
+		if offs[i] != offs[i-1] {
+			continue
+		}
+		first := slices.Index(l2, offs[i])
+		second := first + 1 + slices.Index(l2[first+1:], offs[i])
+		return corrupt("L2 table %d at offset %d is also L2 table %d", second, offs[i], first)
+	}
+	return nil
 }
 
 // refcountBlocks adds the refcount blocks named by the refcount table to m.
