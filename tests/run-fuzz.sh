@@ -2,8 +2,8 @@
 # Runs every `go test -fuzz` target in the given packages for a short time
 # each (first argument, e.g. 10s), after its seed corpus. New inputs are
 # minimized for at most 3 s (the default, 60 s, would eat a short run). A
-# failure stops the
-# run; go test leaves the failing input in the package's testdata/fuzz.
+# failure stops the run; go test leaves the failing input in the package's
+# testdata/fuzz.
 set -euo pipefail
 fuzztime=$1
 shift
