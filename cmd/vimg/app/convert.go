@@ -12,7 +12,6 @@ import (
 
 	"vimg.dev/vimg/pkg/diskimage"
 	"vimg.dev/vimg/pkg/diskimage/sink"
-	"vimg.dev/vimg/pkg/diskimage/source"
 )
 
 func newConvertCommand() *cobra.Command {
@@ -43,11 +42,7 @@ func newConvertCommand() *cobra.Command {
 				}
 				opts.Checksum = &c
 			}
-			hopts, err := sf.httpOptions()
-			if err != nil {
-				return err
-			}
-			src, err := source.Open(cmd.Context(), args[0], hopts)
+			src, err := sf.open(cmd.Context(), args[0])
 			if err != nil {
 				return err
 			}

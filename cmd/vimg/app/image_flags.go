@@ -1,6 +1,7 @@
 package app
 
 import (
+	"context"
 	"fmt"
 	"net/http"
 	"os"
@@ -27,6 +28,15 @@ func (f *sourceFlags) register(fs *pflag.FlagSet) {
 	fs.BoolVar(&f.insecure, "insecure-skip-verify", false, "do not verify the https server's certificate")
 	fs.StringVar(&f.userEnv, "auth-env", "", "basic auth for an http(s) URL from environment variables `PREFIX`_USERNAME and PREFIX_PASSWORD (kept off the command line)")
 	fs.DurationVar(&f.timeout, "http-timeout", 30*time.Second, "per-request connect and response-header timeout")
+}
+
+// open opens SRC: a path, an http(s) URL, or - for stdin.
+func (f *sourceFlags) open(ctx context.Context, spec string) (source.Source, error) {
+	opts, err := f.httpOptions()
+	if err != nil {
+		return nil, err
+	}
+	return source.Open(ctx, spec, opts)
 }
 
 func (f *sourceFlags) httpOptions() (source.HTTPOptions, error) {

@@ -7,7 +7,6 @@ import (
 	"github.com/spf13/cobra"
 
 	"vimg.dev/vimg/pkg/diskimage"
-	"vimg.dev/vimg/pkg/diskimage/source"
 )
 
 func newInfoCommand() *cobra.Command {
@@ -23,11 +22,7 @@ func newInfoCommand() *cobra.Command {
 			if output != "" && output != "json" && output != "text" {
 				return fmt.Errorf("--output %q: want json or text", output)
 			}
-			hopts, err := sf.httpOptions()
-			if err != nil {
-				return err
-			}
-			src, err := source.Open(cmd.Context(), args[0], hopts)
+			src, err := sf.open(cmd.Context(), args[0])
 			if err != nil {
 				return err
 			}

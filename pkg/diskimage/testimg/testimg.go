@@ -158,3 +158,18 @@ func RequireFile(t testing.TB, path, pkg string) string {
 	t.Skipf("skipping: %s is missing (Debian package %s)", path, pkg)
 	return ""
 }
+
+// Open opens path for reading until the test ends and returns it with its size.
+func Open(t testing.TB, path string) (*os.File, int64) {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	st, err := f.Stat()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return f, st.Size()
+}

@@ -63,16 +63,8 @@ func sparseVDI(t testing.TB, size int64, static bool) string {
 
 func openVDI(t testing.TB, path string) *Image {
 	t.Helper()
-	f, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { f.Close() })
-	st, err := f.Stat()
-	if err != nil {
-		t.Fatal(err)
-	}
-	img, err := Open(f, st.Size())
+	f, size := testimg.Open(t, path)
+	img, err := Open(f, size)
 	if err != nil {
 		t.Fatalf("Open(%s): %v", path, err)
 	}

@@ -101,16 +101,8 @@ func writeFile(t testing.TB, data []byte) string {
 
 func openFile(t testing.TB, p string) (*Image, *os.File) {
 	t.Helper()
-	f, err := os.Open(p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { f.Close() })
-	st, err := f.Stat()
-	if err != nil {
-		t.Fatal(err)
-	}
-	img, err := Open(f, st.Size())
+	f, size := testimg.Open(t, p)
+	img, err := Open(f, size)
 	if err != nil {
 		t.Fatalf("Open(%s): %v", p, err)
 	}
