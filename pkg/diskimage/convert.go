@@ -220,21 +220,14 @@ func openImage(ra io.ReaderAt, size int64, hdr []byte) (image.Image, *Info, erro
 		if err != nil {
 			return nil, nil, err
 		}
-		vi := v.Info()
-		info.Subformat, info.ClusterSize = vi.Subformat, vi.GrainSize
+		info.setVMDK(v.Info())
 		img = v
 	case VDI:
 		v, err := vdi.Open(ra, size)
 		if err != nil {
 			return nil, nil, err
 		}
-		vi := v.Info()
-		info.ClusterSize = vi.BlockSize
-		if vi.Static {
-			info.Subformat = "static"
-		} else {
-			info.Subformat = "dynamic"
-		}
+		info.setVDI(v.Info())
 		img = v
 	default:
 		if size < 0 {
@@ -341,15 +334,14 @@ func openStream(raw *bufio.Reader, size int64, spillLimit int64) (stream.Decoder
 		if err != nil {
 			return nil, nil, closer, err
 		}
-		info.Subformat, info.ClusterSize = vi.Subformat, vi.GrainSize
+		info.setVMDK(vi)
 		dec = d
 	case VDI:
 		d, vi, err := vdi.NewDecoder(r)
 		if err != nil {
 			return nil, nil, closer, err
 		}
-		info.ClusterSize = vi.BlockSize
-		info.Subformat = map[bool]string{true: "static", false: "dynamic"}[vi.Static]
+		info.setVDI(vi)
 		dec = d
 	default:
 		dec = &rawDecoder{r: r, size: size}

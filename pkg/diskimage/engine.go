@@ -33,7 +33,8 @@ type truncater interface{ Truncate(size int64) error }
 // zeroBlock is the granularity of zero detection, as qemu-img's default -S.
 const zeroBlock = 4096
 
-var zeros = make([]byte, 2<<20)
+// zeros is what isZero compares a block with; it never sees more than one.
+var zeros = make([]byte, zeroBlock)
 
 // readPiece is how much one random-access job reads.
 const readPiece = 1 << 20

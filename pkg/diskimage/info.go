@@ -10,6 +10,8 @@ import (
 
 	"vimg.dev/vimg/pkg/diskimage/qcow2"
 	"vimg.dev/vimg/pkg/diskimage/source"
+	"vimg.dev/vimg/pkg/diskimage/vdi"
+	"vimg.dev/vimg/pkg/diskimage/vmdk"
 )
 
 // Info describes an image.
@@ -39,6 +41,18 @@ func (i *Info) setQcow2(h *qcow2.Header) {
 	i.ClusterCompression = "zlib"
 	if h.CompressionZstd {
 		i.ClusterCompression = "zstd"
+	}
+}
+
+func (i *Info) setVMDK(v vmdk.Info) {
+	i.Subformat, i.ClusterSize = v.Subformat, v.GrainSize
+}
+
+func (i *Info) setVDI(v vdi.Info) {
+	i.ClusterSize = v.BlockSize
+	i.Subformat = "dynamic"
+	if v.Static {
+		i.Subformat = "static"
 	}
 }
 
