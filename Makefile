@@ -71,6 +71,7 @@ fuzz: ## Run every go test -fuzz target for FUZZTIME (default 10s) each
 test: lint verify-generate build k8s-binaries ## Every test: lint, generated files, unit, integration, fuzz, e2e on a real cluster
 	$(BIN)/vimg version -o json
 	@$(BIN)/vimg version -o json | grep -q '"inflate": "libdeflate"' || { echo "bin/vimg was built without libdeflate" >&2; exit 1; }
+	@$(BIN)/vimg version -o json | grep -q '"xz": "liblzma-mt"' || { echo "bin/vimg was built without liblzma" >&2; exit 1; }
 	GO_TIMEOUT=$(GO_TIMEOUT) tests/run-go-tests.sh ./...
 	tests/run-fuzz.sh $(FUZZ_EXECS) ./pkg/...
 	tests/cluster/run-e2e.sh

@@ -356,15 +356,35 @@ type rawDecoder struct {
 	size int64
 }
 
+// rawChunk is the size of the chunks a raw stream is cut into, and
+// rawFree how many spent buffers are kept for reuse: enough for the chunks
+// queued and in flight in the writer (4 per worker plus one per worker).
+const (
+	rawChunk = 1 << 20
+	rawFree  = 64
+)
+
 func (d *rawDecoder) Size() int64 { return d.size }
 
 func (d *rawDecoder) Run(sink stream.Sink) error {
+	free := make(chan []byte, rawFree)
+	recycle := func(b []byte) {
+		select {
+		case free <- b[:cap(b)]:
+		default: // more buffers than the list keeps: let the GC have it
+		}
+	}
 	var off int64
 	for {
-		buf := make([]byte, 1<<20)
+		var buf []byte
+		select {
+		case buf = <-free:
+		default:
+			buf = make([]byte, rawChunk)
+		}
 		n, err := io.ReadFull(d.r, buf)
 		if n > 0 {
-			if perr := sink.Put(stream.Chunk{Off: off, Len: n, Codec: stream.Raw, Payload: buf[:n]}); perr != nil {
+			if perr := sink.Put(stream.Chunk{Off: off, Len: n, Codec: stream.Raw, Payload: buf[:n], Recycle: recycle}); perr != nil {
 				return perr
 			}
 			off += int64(n)

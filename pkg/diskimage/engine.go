@@ -176,6 +176,9 @@ func (w *writer) work() {
 		if err := w.write(data, off); err != nil {
 			w.fail(err)
 		}
+		if j.chunk.Recycle != nil {
+			j.chunk.Recycle(j.chunk.Payload)
+		}
 		if j.img != nil {
 			w.handled.Add(j.n)
 		}

@@ -29,6 +29,7 @@ func newVersionCommand() *cobra.Command {
 					"goVersion": runtime.Version(),
 					"platform":  runtime.GOOS + "/" + runtime.GOARCH,
 					"inflate":   codec.Implementation(),
+					"xz":        codec.XZImplementation(),
 				})
 			default:
 				return fmt.Errorf("unknown --output %q: use json, or omit it for one line", output)

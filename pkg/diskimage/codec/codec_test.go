@@ -403,6 +403,9 @@ func TestImplementationName(t *testing.T) {
 	if got := Implementation(); got != wantImplementation {
 		t.Fatalf("Implementation() = %q, want %q", got, wantImplementation)
 	}
+	if got := XZImplementation(); got != wantXZImplementation {
+		t.Fatalf("XZImplementation() = %q, want %q", got, wantXZImplementation)
+	}
 }
 
 // FuzzDecode holds the implementations against each other: on any input

@@ -9,10 +9,15 @@ import (
 	"testing"
 )
 
-const wantImplementation = "libdeflate"
+const (
+	wantImplementation   = "libdeflate"
+	wantXZImplementation = "liblzma-mt"
+)
 
-// TestLibdeflateStatic: the binary must run where libdeflate.so is not
-// installed, so the test binary itself may not ask for it.
+// TestLibdeflateStatic: the binary must run where libdeflate.so and
+// liblzma.so are not installed, so the test binary itself may not ask for
+// them. (That the libraries' code is in it shows in the other tests
+// passing with Implementation and XZImplementation naming them.)
 func TestLibdeflateStatic(t *testing.T) {
 	exe, err := os.Executable()
 	if err != nil {
@@ -28,8 +33,8 @@ func TestLibdeflateStatic(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, l := range libs {
-		if strings.Contains(l, "deflate") {
-			t.Fatalf("binary links %s dynamically (needs %v); want libdeflate.a linked in", l, libs)
+		if strings.Contains(l, "deflate") || strings.Contains(l, "lzma") {
+			t.Fatalf("binary links %s dynamically (needs %v); want libdeflate.a and liblzma.a linked in", l, libs)
 		}
 	}
 }

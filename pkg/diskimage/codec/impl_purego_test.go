@@ -2,4 +2,7 @@
 
 package codec
 
-const wantImplementation = "go"
+const (
+	wantImplementation   = "go"
+	wantXZImplementation = "go"
+)

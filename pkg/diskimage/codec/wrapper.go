@@ -9,7 +9,6 @@ import (
 
 	"github.com/klauspost/compress/gzip"
 	"github.com/klauspost/compress/zstd"
-	"github.com/ulikunitz/xz"
 
 	"vimg.dev/vimg/pkg/diskimage/stream"
 )
@@ -22,8 +21,10 @@ import (
 // and --ultra -22), so anything made with the tools' ordinary settings opens,
 // while a stream asking for gigabytes (xz --lzma2=dict=1536MiB, zstd
 // --long=31) is refused instead of letting a hostile upload size our memory.
-// Note that the xz reader allocates a fresh dictionary for every block, so
-// with garbage collection the heap can briefly hold two.
+// (Memory is more than the window: the pure-Go xz reader allocates a fresh
+// dictionary for every block, so the heap can briefly hold two; liblzma's
+// multithreaded decoder holds a dictionary and a block's buffers per thread,
+// bounded as a whole by its own limits, see xz_cgo.go.)
 const MaxWindow = 256 << 20
 
 // DetectWrapper names the compression a stream starts with, from its first
@@ -57,15 +58,10 @@ func NewReader(kind string, r io.Reader) (io.ReadCloser, error) {
 		}
 		return &reader{kind: kind, r: zr, src: src, close: zr.Close}, nil
 	case "xz":
-		g := newXZGuard(src, MaxWindow)
-		// DictCap is only the least dictionary ulikunitz allocates (the
-		// stream's own size wins when larger), so keep it minimal and let
-		// the guard refuse large ones.
-		xr, err := xz.ReaderConfig{DictCap: 4096}.NewReader(g)
-		if err != nil {
-			return nil, src.wrap("xz", err)
-		}
-		return &reader{kind: kind, r: xr, src: src}, nil
+		// The guard walks the container ahead of the decoder, so that a
+		// dictionary over MaxWindow is refused before anything allocates
+		// it, whichever decoder runs behind it (XZImplementation).
+		return newXZReader(src, newXZGuard(src, MaxWindow))
 	case "zstd":
 		br := bufio.NewReaderSize(src, 64<<10)
 		if err := checkZstdWindow(br); err != nil {
@@ -87,6 +83,14 @@ func NewReader(kind string, r io.Reader) (io.ReadCloser, error) {
 	}
 	return nil, fmt.Errorf("%w: unknown compression %q (want gzip, xz or zstd)", stream.ErrUnsupported, kind)
 }
+
+// XZImplementation names the xz decoder compiled in: "liblzma-mt" (cgo
+// builds: liblzma's multithreaded decoder, linked statically, one thread per
+// GOMAXPROCS; blocks run in parallel only in files written by xz -T or
+// pxz, which record block sizes) or "go" (github.com/ulikunitz/xz, one
+// goroutine). Both sit behind the same header guard, so oversized
+// dictionaries are refused with the same message.
+func XZImplementation() string { return xzImplementation }
 
 // checkZstdWindow refuses, with the number in the message, a stream whose
 // first frame needs a window over MaxWindow. Later frames are checked by

@@ -11,15 +11,17 @@ import (
 	"vimg.dev/vimg/pkg/diskimage/stream"
 )
 
-// xzGuard sits between the compressed source and ulikunitz/xz and walks the
-// .xz container (stream headers, block headers, LZMA2 chunk headers, index)
-// ahead of it, handing on each structure only after checking it. It exists
-// because ulikunitz allocates whatever dictionary a block header declares
-// (up to 4 GiB, its ReaderConfig.DictCap is a floor, not a limit) and keeps
-// a record per block, so the limits must be applied before it sees the
-// bytes. The walk only reads headers: chunk payloads pass through untouched,
-// so it costs next to nothing. Checksums and everything else are still
-// verified by ulikunitz.
+// xzGuard sits between the compressed source and the xz decoder (liblzma
+// or ulikunitz/xz, see XZImplementation) and walks the .xz container
+// (stream headers, block headers, LZMA2 chunk headers, index) ahead of it,
+// handing on each structure only after checking it. It exists because
+// ulikunitz allocates whatever dictionary a block header declares (up to
+// 4 GiB, its ReaderConfig.DictCap is a floor, not a limit) and keeps a
+// record per block, and liblzma's only bound is its memory limit, so the
+// limits must be applied before either sees the bytes, and the refusal
+// should say which limit and why, the same in both builds. The walk only
+// reads headers: chunk payloads pass through untouched, so it costs next to
+// nothing. Checksums and everything else are still verified by the decoder.
 type xzGuard struct {
 	src     *bufio.Reader
 	maxDict int64

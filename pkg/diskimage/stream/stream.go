@@ -59,6 +59,11 @@ type Chunk struct {
 	// Payload is owned by the receiver once Put is called: the decoder must
 	// not touch it again.
 	Payload []byte
+	// Recycle, when set, is called by the receiver with Payload once it is
+	// done with it, so that a decoder can reuse its buffers instead of
+	// leaving one per chunk to the garbage collector (at a GiB/s that is
+	// most of the CPU a raw stream costs). A receiver may also not call it.
+	Recycle func([]byte)
 }
 
 // End is the virtual offset just past the chunk.
