@@ -35,10 +35,12 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"k8s.io/klog/v2"
 	"sigs.k8s.io/yaml"
 
 	"vimg.dev/vimg/dvcr/auth"
+	"vimg.dev/vimg/dvcr/gc"
 	"vimg.dev/vimg/dvcr/server"
 )
 
@@ -57,6 +59,8 @@ type options struct {
 	realm           string
 	service         string
 	shutdownTimeout time.Duration
+	gcInterval      time.Duration
+	gcGrace         time.Duration
 }
 
 func main() {
@@ -77,6 +81,8 @@ func main() {
 	flag.StringVar(&o.realm, "realm", "", "external URL of /auth/token announced to clients (default: from each request's scheme and host)")
 	flag.StringVar(&o.service, "service", auth.DefaultService, "token service name")
 	flag.DurationVar(&o.shutdownTimeout, "shutdown-timeout", 30*time.Second, "how long requests in flight may finish after SIGTERM")
+	flag.DurationVar(&o.gcInterval, "gc-interval", 10*time.Minute, "time between online garbage collection passes; 0 turns collection off")
+	flag.DurationVar(&o.gcGrace, "gc-grace", time.Hour, "blobs written or used less than this long ago are never collected; must exceed the time from a pusher's blob check to its manifest PUT")
 	flag.Parse()
 
 	if err := run(o); err != nil {
@@ -97,11 +103,21 @@ func run(o options) error {
 	if err != nil {
 		return err
 	}
+	collector, err := o.collector(ctx, cfg.Storage)
+	if err != nil {
+		return err
+	}
+	if collector != nil {
+		cfg.Wrap = collector.Guard
+	}
 	srv, err := server.New(ctx, cfg)
 	if err != nil {
 		return err
 	}
 	defer srv.Close()
+	if collector != nil {
+		go collector.Run(ctx)
+	}
 
 	hs := &http.Server{
 		Handler: srv.Handler(),
@@ -155,6 +171,26 @@ func run(o options) error {
 		logger.Info("Connections still open at the end of the grace period", "err", err)
 	}
 	return nil
+}
+
+// collector builds the online garbage collector on its own driver for the
+// registry's storage, or returns nil when collection is off.
+func (o options) collector(ctx context.Context, st server.Storage) (*gc.Collector, error) {
+	if o.gcInterval <= 0 {
+		klog.FromContext(ctx).Info("Online garbage collection is off (--gc-interval=0)")
+		return nil, nil
+	}
+	if st.Type == server.StorageInMemory {
+		// A second inmemory driver is a separate, empty store: collecting
+		// it would find nothing, and guarding requests would only cost.
+		klog.FromContext(ctx).Info("Online garbage collection is off for inmemory storage")
+		return nil, nil
+	}
+	d, err := st.NewDriver(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("opening storage for the garbage collector: %w", err)
+	}
+	return gc.New(d, gc.Options{Grace: o.gcGrace, Interval: o.gcInterval, Registerer: prometheus.DefaultRegisterer})
 }
 
 // fileConfig is the --config file.

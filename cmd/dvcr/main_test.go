@@ -15,6 +15,9 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"github.com/google/go-containerregistry/pkg/v1/random"
+	"github.com/google/go-containerregistry/pkg/v1/validate"
+	"io"
 	"math/big"
 	"net"
 	"net/http"
@@ -151,24 +154,26 @@ func (s *syncBuffer) String() string {
 }
 
 type process struct {
-	cmd    *exec.Cmd
-	addr   string
-	logs   *syncBuffer
-	client *http.Client
-	exited chan struct{}
+	cmd     *exec.Cmd
+	addr    string
+	storage string // filesystem storage root
+	logs    *syncBuffer
+	client  *http.Client
+	exited  chan struct{}
 }
 
 // startDVCR runs the real binary with TLS and filesystem storage and waits
 // until /readyz answers.
-func startDVCR(t *testing.T) *process {
+func startDVCR(t *testing.T, extra ...string) *process {
 	t.Helper()
 	bin := buildDVCR(t)
 	dir := t.TempDir()
 	certFile, keyFile, pool := selfSigned(t, dir)
 	users, keys := authFiles(t, dir)
-	p := &process{addr: freeAddr(t), logs: &syncBuffer{}, exited: make(chan struct{})}
-	p.cmd = exec.Command(bin, "--listen", p.addr, "--tls-cert-file", certFile, "--tls-key-file", keyFile,
-		"--storage-root", filepath.Join(dir, "storage"), "--users-file", users, "--token-key-file", keys, "-v=2")
+	p := &process{addr: freeAddr(t), storage: filepath.Join(dir, "storage"), logs: &syncBuffer{}, exited: make(chan struct{})}
+	args := append([]string{"--listen", p.addr, "--tls-cert-file", certFile, "--tls-key-file", keyFile,
+		"--storage-root", p.storage, "--users-file", users, "--token-key-file", keys, "-v=2"}, extra...)
+	p.cmd = exec.Command(bin, args...)
 	p.cmd.Stdout, p.cmd.Stderr = p.logs, p.logs
 	if err := p.cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -396,5 +401,64 @@ func TestLoadStorageConfig_S3FromYAML(t *testing.T) {
 	writeFile(t, cfg, []byte("storage:\n  type: s3\n  bukket: typo\n"))
 	if _, err := loadStorageConfig(cfg); err == nil || !strings.Contains(err.Error(), "bukket") {
 		t.Errorf("a misspelt field: err = %v", err)
+	}
+}
+
+// TestDVCR_CollectsDeletedImagesWhileServing runs the binary with a short
+// garbage collection interval and grace: an image deleted by digest has its
+// layer removed from disk while the registry keeps serving, and an image
+// that shares nothing with it still pulls.
+func TestDVCR_CollectsDeletedImagesWhileServing(t *testing.T) {
+	p := startDVCR(t, "--gc-interval=500ms", "--gc-grace=2s")
+	opts := []remote.Option{remote.WithTransport(p.client.Transport), remote.WithAuth(&authn.Basic{Username: adminUser, Password: adminPass})}
+	gone := p.push(t, "vi/ns/gone:uid-1")
+	kept, err := random.Image(1<<20, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keptRef, _ := name.ParseReference(p.addr + "/vi/ns/kept:uid-2")
+	if err := remote.Write(keptRef, kept, opts...); err != nil {
+		t.Fatal(err)
+	}
+
+	layers, _ := gone.Layers()
+	ld, _ := layers[0].Digest()
+	blob := filepath.Join(p.storage, "docker/registry/v2/blobs", ld.Algorithm, ld.Hex[:2], ld.Hex, "data")
+	if _, err := os.Stat(blob); err != nil {
+		t.Fatalf("the pushed layer is not where distribution keeps blobs: %v", err)
+	}
+	d, _ := gone.Digest()
+	goneRef, _ := name.ParseReference(p.addr + "/vi/ns/gone@" + d.String())
+	if err := remote.Delete(goneRef, opts...); err != nil {
+		t.Fatalf("deleting the manifest: %v", err)
+	}
+
+	// Not a timing assertion: a bound on how long a broken collector may
+	// hang the test (the grace is 2 s, passes every 0.5 s).
+	deadline := time.Now().Add(time.Minute)
+	for {
+		if _, err := os.Stat(blob); errors.Is(err, os.ErrNotExist) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the deleted image's layer is still on disk after a minute\n%s", p.logs.String())
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	pulled, err := remote.Image(keptRef, opts...)
+	if err != nil {
+		t.Fatalf("pulling the image that was not deleted: %v", err)
+	}
+	if err := validate.Image(pulled); err != nil {
+		t.Errorf("the image that was not deleted is damaged: %v", err)
+	}
+	resp, err := p.client.Get("https://" + p.addr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if !strings.Contains(string(body), "dvcr_gc_blobs_deleted_total") {
+		t.Error("/metrics does not show the collector's counters")
 	}
 }

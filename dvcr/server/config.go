@@ -138,8 +138,9 @@ type Config struct {
 	// rotation interrupts uploads in flight once; clients restart them).
 	UploadSecret string
 	// Wrap, when set, is applied around the registry's /v2/ handler (the
-	// garbage collector installs its lease there). It does not see
-	// /auth/token, /healthz, /readyz or /metrics.
+	// garbage collector installs its lease there). It sees only requests
+	// with valid credentials, and never /auth/token, /healthz, /readyz or
+	// /metrics.
 	Wrap func(http.Handler) http.Handler
 }
 

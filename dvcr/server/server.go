@@ -72,7 +72,21 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 
 	var registry http.Handler = app
 	if cfg.Wrap != nil {
-		registry = cfg.Wrap(registry)
+		// Wrap (the garbage collector's lease guard) sees only requests
+		// with valid credentials: a rejected request must not make the
+		// registry write lease records at an anonymous client's rate.
+		// Scopes are still checked by the registry itself; this gate only
+		// authenticates, without counting failures a second time.
+		gate := *ac
+		gate.Observer = nil
+		wrapped := cfg.Wrap(app)
+		registry = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if _, err := gate.Authorized(r); err == nil {
+				wrapped.ServeHTTP(w, r)
+				return
+			}
+			app.ServeHTTP(w, r)
+		})
 	}
 	tokens := &auth.TokenServer{
 		Users:    cfg.Users,

@@ -3,6 +3,7 @@ package server_test
 import (
 	"bytes"
 	"context"
+	"encoding/base64"
 	"errors"
 	"flag"
 	"fmt"
@@ -447,6 +448,23 @@ func TestServer_WrapSeesOnlyRegistryRequests(t *testing.T) {
 	if statusOf(err) != http.StatusServiceUnavailable {
 		t.Errorf("delete through the wrapper: err = %v, want 503", err)
 	}
+	// Anonymous and badly authenticated requests are refused without
+	// reaching the wrapper (where the GC would record a lease).
+	anon := "/v2/vi/ns/a/blobs/sha256:" + strings.Repeat("0", 64)
+	for _, authz := range []string{"", "Bearer not-a-token", "Basic " + base64.StdEncoding.EncodeToString([]byte(adminUser+":wrong"))} {
+		req, _ := http.NewRequest(http.MethodHead, f.ts.URL+anon, nil)
+		if authz != "" {
+			req.Header.Set("Authorization", authz)
+		}
+		resp, err := f.ts.Client().Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusUnauthorized {
+			t.Errorf("HEAD with %q: status %d, want 401", authz, resp.StatusCode)
+		}
+	}
 	mu.Lock()
 	defer mu.Unlock()
 	if len(seen) == 0 {
@@ -455,6 +473,9 @@ func TestServer_WrapSeesOnlyRegistryRequests(t *testing.T) {
 	for _, p := range seen {
 		if !strings.HasPrefix(p, "/v2/") {
 			t.Errorf("the wrapper saw %s", p)
+		}
+		if p == anon {
+			t.Errorf("the wrapper saw an unauthenticated request for %s", p)
 		}
 	}
 }
