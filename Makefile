@@ -96,6 +96,10 @@ e2e: ## e2e tests on the local cluster (brought up and down unless it is already
 bench: build ## vimg convert vs qemu-img convert side by side (throughput, RSS, ratio)
 	$(GO) run ./tests/bench -vimg $(BIN)/vimg
 
+.PHONY: bench-dvcr
+bench-dvcr: build ## push/pull of a 2 GiB disk file through DVCR (TLS, loopback) vs cp on the same disk
+	$(GO) run ./tests/bench/dvcr -dvcr $(BIN)/dvcr
+
 .PHONY: bench-go
 bench-go: ## Micro-benchmarks (go test -bench)
 	$(GO) test -run '^$$' -bench . -benchmem ./pkg/...

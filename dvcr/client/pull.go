@@ -17,6 +17,7 @@ import (
 	"github.com/opencontainers/go-digest"
 	v1 "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"vimg.dev/vimg/dvcr/internal/pipe"
 	"vimg.dev/vimg/dvcr/layout"
 )
 
@@ -280,12 +281,16 @@ func (im *Image) Reader(ctx context.Context) (io.ReadCloser, error) {
 		resp.Body.Close()
 		return nil, fmt.Errorf("read %s: reading layer headers: %w", im.Ref, err)
 	}
-	return &verifyingReader{im: im, body: resp.Body, h: h, left: im.size}, nil
+	// The download and the hash run ahead in a goroutine of their own
+	// while the caller writes the bytes out.
+	body := pipe.New(resp.Body, h, pipeBuffer, pipeDepth)
+	return &verifyingReader{im: im, body: body, raw: resp.Body, h: h, left: im.size}, nil
 }
 
 type verifyingReader struct {
 	im   *Image
-	body io.ReadCloser
+	body *pipe.Reader // hashes into h everything it reads
+	raw  io.Closer    // the response body under it
 	h    hash.Hash
 	left int64
 	err  error // sticky end state: io.EOF or the failure
@@ -303,7 +308,6 @@ func (v *verifyingReader) Read(p []byte) (int, error) {
 		p = p[:v.left]
 	}
 	n, err := v.body.Read(p)
-	v.h.Write(p[:n])
 	v.left -= int64(n)
 	switch {
 	case v.left == 0:
@@ -328,11 +332,14 @@ func (v *verifyingReader) Read(p []byte) (int, error) {
 // when all is well.
 func (v *verifyingReader) verify() error {
 	tail := v.im.Layer.Size - v.im.Offset - v.im.size
-	if _, err := io.CopyN(v.h, v.body, tail); err != nil {
+	if _, err := io.CopyN(io.Discard, v.body, tail); err != nil {
 		return fmt.Errorf("read %s: reading the layer's end: %w", v.im.Ref, err)
 	}
-	if n, _ := v.body.Read(make([]byte, 1)); n > 0 {
+	// The pipe's end: everything it read is hashed once it says io.EOF.
+	if n, err := v.body.Read(make([]byte, 1)); n > 0 {
 		return fmt.Errorf("read %s: layer is longer than its %d bytes", v.im.Ref, v.im.Layer.Size)
+	} else if err != io.EOF {
+		return fmt.Errorf("read %s: reading the layer's end: %w", v.im.Ref, err)
 	}
 	if got := digest.NewDigest(v.im.Layer.Digest.Algorithm(), v.h); got != v.im.Layer.Digest {
 		return fmt.Errorf("read %s: layer digest is %s, want %s", v.im.Ref, got, v.im.Layer.Digest)
@@ -340,7 +347,13 @@ func (v *verifyingReader) verify() error {
 	return io.EOF
 }
 
-func (v *verifyingReader) Close() error { return v.body.Close() }
+// Close closes the response first, so that a download stalled in the
+// pipe's goroutine ends, then stops the pipe.
+func (v *verifyingReader) Close() error {
+	err := v.raw.Close()
+	v.body.Close()
+	return err
+}
 
 // ReaderAt returns random access to the disk file through ranged GETs, for
 // callers that need an io.ReaderAt (no context: each attempt is bounded by

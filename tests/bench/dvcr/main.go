@@ -1,0 +1,437 @@
+// Command dvcr measures pushing and pulling a disk file through DVCR on
+// loopback against `cp` of the same bytes on the same disk, and prints the
+// ratios (goal: ≥ 0.8).
+//
+// The registry is the real bin/dvcr process, over TLS with token auth, with
+// filesystem storage in -dir, the directory cp writes to. The client is
+// dvcr/client, as the import workers and the populator use it: the push is
+// one streamed pass (tar framing and sha256 on the fly); the pulls are the
+// whole-file stream (layer digest verified at the end) and parallel ranged
+// reads (what the populator and the node cache do).
+//
+//	go run ./tests/bench/dvcr -dvcr bin/dvcr
+package main
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/base64"
+	"encoding/pem"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"math/big"
+	mrand "math/rand/v2"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/crypto/bcrypt"
+
+	"vimg.dev/vimg/dvcr/client"
+	"vimg.dev/vimg/dvcr/layout"
+)
+
+func main() {
+	var (
+		dvcr     = flag.String("dvcr", "bin/dvcr", "dvcr binary to run")
+		dir      = flag.String("dir", filepath.Join(os.TempDir(), "vimg-bench-dvcr"), "work directory: registry storage, cp target, pulled files")
+		input    = flag.String("input", "", "disk file to move (default: a -size file of pseudo-random bytes made in -dir)")
+		size     = flag.Int64("size", 2<<30, "size of the made input, in bytes")
+		runs     = flag.Int("runs", 3, "runs per operation; the best is reported")
+		parallel = flag.Int("parallel", 8, "concurrent ranged reads in the ranged pull")
+		piece    = flag.Int64("piece", 8<<20, "bytes per ranged read")
+	)
+	flag.Parse()
+	if err := os.MkdirAll(*dir, 0o755); err != nil {
+		fatal(err)
+	}
+	in := *input
+	if in == "" {
+		in = filepath.Join(*dir, "input.img")
+		if err := makeInput(in, *size); err != nil {
+			fatal(err)
+		}
+	}
+	st, err := os.Stat(in)
+	if err != nil {
+		fatal(err)
+	}
+	n := st.Size()
+
+	srv, err := startDVCR(*dvcr, *dir)
+	if err != nil {
+		fatal(err)
+	}
+	defer srv.stop()
+
+	c, err := client.New(srv.addr, client.Options{Username: "bench", Password: srv.password, CABundle: srv.ca})
+	if err != nil {
+		fatal(err)
+	}
+	ctx := context.Background()
+	ref := layout.Ref(layout.Repository("vi", "bench", "disk"), "bench")
+	meta := layout.Meta{Format: "raw", VirtualSize: n, StoredSize: n}
+	copyPath := filepath.Join(*dir, "copy.img")
+	pulled := filepath.Join(*dir, "pulled.img")
+
+	ops := []struct {
+		name string
+		fn   func() error
+	}{
+		{"cp", func() error {
+			out, err := exec.Command("cp", in, copyPath).CombinedOutput()
+			if err != nil {
+				return fmt.Errorf("cp: %v: %s", err, out)
+			}
+			return nil
+		}},
+		{"read+write copy", func() error { return plainCopy(in, copyPath) }},
+		{"push", func() error {
+			f, err := os.Open(in)
+			if err != nil {
+				return err
+			}
+			defer f.Close()
+			_, err = c.Push(ctx, ref, f, n, meta, client.PushOptions{})
+			return err
+		}},
+		{"pull (stream)", func() error {
+			im, err := c.Open(ctx, ref)
+			if err != nil {
+				return err
+			}
+			r, err := im.Reader(ctx)
+			if err != nil {
+				return err
+			}
+			defer r.Close()
+			f, err := os.Create(pulled)
+			if err != nil {
+				return err
+			}
+			defer f.Close()
+			if _, err := io.Copy(f, r); err != nil {
+				return err
+			}
+			return f.Close()
+		}},
+		{fmt.Sprintf("pull (%d ranged)", *parallel), func() error {
+			im, err := c.Open(ctx, ref)
+			if err != nil {
+				return err
+			}
+			return rangedPull(im, pulled, *parallel, *piece)
+		}},
+	}
+
+	best := map[string]time.Duration{}
+	cpu := map[string][2]time.Duration{} // client, server CPU of the best run
+	for i := 0; i < *runs; i++ {
+		for _, op := range ops {
+			// Each operation writes a new file on a quiet disk: the
+			// previous outputs are removed first and their blocks freed
+			// (on a file system mounted with discard, freeing blocks
+			// inside the timed part costs more than writing them).
+			os.Remove(copyPath)
+			os.Remove(pulled)
+			if op.name == "push" {
+				srv.reset()
+			}
+			syscall.Sync()
+			c0, s0 := selfCPU(), procCPU(srv.cmd.Process.Pid)
+			start := time.Now()
+			if err := op.fn(); err != nil {
+				fatal(fmt.Errorf("%s: %w", op.name, err))
+			}
+			d := time.Since(start)
+			if b, ok := best[op.name]; !ok || d < b {
+				best[op.name] = d
+				cpu[op.name] = [2]time.Duration{selfCPU() - c0, procCPU(srv.cmd.Process.Pid) - s0}
+			}
+		}
+	}
+	if err := sameFile(in, pulled); err != nil {
+		fatal(err)
+	}
+
+	fmt.Printf("%d MiB through DVCR on loopback (TLS, token auth, filesystem storage in %s), best of %d\n", n>>20, *dir, *runs)
+	fmt.Printf("%-20s %10s %10s %8s %12s %12s\n", "operation", "seconds", "MB/s", "vs cp", "client CPU s", "dvcr CPU s")
+	cp := best["cp"]
+	for _, op := range ops {
+		d := best[op.name]
+		fmt.Printf("%-20s %10.2f %10.0f %7.2fx %12.2f %12.2f\n", op.name, d.Seconds(), float64(n)/d.Seconds()/1e6, cp.Seconds()/d.Seconds(),
+			cpu[op.name][0].Seconds(), cpu[op.name][1].Seconds())
+	}
+	fmt.Println("vs cp = cp's wall time / the operation's (goal ≥ 0.8; >1: faster than cp); CPU = user+system seconds of this process (the client) and of dvcr")
+	fmt.Println("cp copies in the kernel (copy_file_range); read+write copy moves the same bytes through read(2) and write(2) in 1 MiB pieces, as any receiver of a network stream must")
+	os.Remove(copyPath)
+	os.Remove(pulled)
+}
+
+// plainCopy copies in to out through a user-space buffer.
+func plainCopy(in, out string) error {
+	src, err := os.Open(in)
+	if err != nil {
+		return err
+	}
+	defer src.Close()
+	dst, err := os.Create(out)
+	if err != nil {
+		return err
+	}
+	defer dst.Close()
+	buf := make([]byte, 1<<20)
+	// Hide WriterTo/ReaderFrom: io.Copy would use copy_file_range.
+	if _, err := io.CopyBuffer(struct{ io.Writer }{dst}, struct{ io.Reader }{src}, buf); err != nil {
+		return err
+	}
+	return dst.Close()
+}
+
+// rangedPull reads the disk file in pieces with parallel ranged requests and
+// writes each at its offset.
+func rangedPull(im *client.Image, path string, parallel int, piece int64) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	size := im.Size()
+	if err := f.Truncate(size); err != nil {
+		return err
+	}
+	offs := make(chan int64)
+	errs := make(chan error, parallel)
+	var wg sync.WaitGroup
+	ra := im.ReaderAt()
+	for w := 0; w < parallel; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			buf := make([]byte, piece)
+			for off := range offs {
+				b := buf[:min(piece, size-off)]
+				if _, err := ra.ReadAt(b, off); err != nil && !(errors.Is(err, io.EOF) && off+int64(len(b)) == size) {
+					errs <- fmt.Errorf("reading %d bytes at %d: %w", len(b), off, err)
+					return
+				}
+				if _, err := f.WriteAt(b, off); err != nil {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	var first error
+feed:
+	for off := int64(0); off < size; off += piece {
+		select {
+		case offs <- off:
+		case first = <-errs:
+			break feed
+		}
+	}
+	close(offs)
+	wg.Wait()
+	if first == nil {
+		select {
+		case first = <-errs:
+		default:
+		}
+	}
+	if first != nil {
+		return first
+	}
+	return f.Close()
+}
+
+// makeInput writes size pseudo-random bytes (incompressible, no holes: the
+// worst case for every layer) unless the file is already there.
+func makeInput(path string, size int64) error {
+	if st, err := os.Stat(path); err == nil && st.Size() == size {
+		return nil
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	rng := mrand.NewChaCha8([32]byte{1})
+	buf := make([]byte, 4<<20)
+	for left := size; left > 0; left -= int64(len(buf)) {
+		b := buf[:min(int64(len(buf)), left)]
+		rng.Read(b)
+		if _, err := f.Write(b); err != nil {
+			return err
+		}
+	}
+	return f.Close()
+}
+
+func sameFile(a, b string) error {
+	out, err := exec.Command("cmp", a, b).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("the pulled file differs from the input: %v: %s", err, out)
+	}
+	return nil
+}
+
+// selfCPU is this process's user+system CPU time.
+func selfCPU() time.Duration {
+	var ru syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// procCPU is another process's user+system CPU time, from /proc (clock
+// ticks of 10 ms).
+func procCPU(pid int) time.Duration {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	// Fields after the command name, which is in parentheses.
+	f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+1:]))
+	if len(f) < 13 {
+		return 0
+	}
+	u, _ := strconv.ParseInt(f[11], 10, 64)
+	s, _ := strconv.ParseInt(f[12], 10, 64)
+	return time.Duration(u+s) * 10 * time.Millisecond
+}
+
+type server struct {
+	storage  string
+	cmd      *exec.Cmd
+	addr     string
+	password string
+	ca       []byte
+}
+
+// startDVCR runs the dvcr binary with a fresh TLS certificate, one admin
+// user and a token key, on a free loopback port, and waits until it is
+// ready.
+func startDVCR(bin, dir string) (*server, error) {
+	cert, key, err := selfSigned()
+	if err != nil {
+		return nil, err
+	}
+	pw := base64.RawURLEncoding.EncodeToString(randomBytes(18))
+	hash, err := bcrypt.GenerateFromPassword([]byte(pw), bcrypt.MinCost)
+	if err != nil {
+		return nil, err
+	}
+	files := map[string][]byte{
+		"tls.crt":   cert,
+		"tls.key":   key,
+		"users":     []byte("admin:bench:" + string(hash) + "\n"),
+		"token.key": []byte(base64.StdEncoding.EncodeToString(randomBytes(32)) + "\n"),
+	}
+	for name, data := range files {
+		if err := os.WriteFile(filepath.Join(dir, name), data, 0o600); err != nil {
+			return nil, err
+		}
+	}
+	storage := filepath.Join(dir, "storage")
+	if err := os.RemoveAll(storage); err != nil {
+		return nil, err
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	cmd := exec.Command(bin, "--listen", addr,
+		"--tls-cert-file", filepath.Join(dir, "tls.crt"), "--tls-key-file", filepath.Join(dir, "tls.key"),
+		"--storage-root", storage, "--users-file", filepath.Join(dir, "users"),
+		"--token-key-file", filepath.Join(dir, "token.key"))
+	cmd.Stderr, err = os.Create(filepath.Join(dir, "dvcr.log"))
+	if err != nil {
+		return nil, err
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("starting %s: %w", bin, err)
+	}
+	s := &server{storage: storage, cmd: cmd, addr: addr, password: pw, ca: cert}
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(cert)
+	hc := &http.Client{Timeout: time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		resp, err := hc.Get("https://" + addr + "/readyz")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return s, nil
+			}
+		}
+	}
+	s.stop()
+	return nil, fmt.Errorf("dvcr did not become ready on %s (log: %s)", addr, filepath.Join(dir, "dvcr.log"))
+}
+
+// reset removes what earlier pushes stored (the registry keeps no cache),
+// so that every push writes new files, as cp does.
+func (s *server) reset() {
+	os.RemoveAll(filepath.Join(s.storage, "docker"))
+}
+
+func (s *server) stop() {
+	s.cmd.Process.Signal(syscall.SIGTERM)
+	s.cmd.Wait()
+}
+
+func selfSigned() (certPEM, keyPEM []byte, err error) {
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, nil, err
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: "dvcr-bench"},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(24 * time.Hour),
+		IPAddresses:           []net.IP{net.ParseIP("127.0.0.1")},
+		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &k.PublicKey, k)
+	if err != nil {
+		return nil, nil, err
+	}
+	kder, err := x509.MarshalECPrivateKey(k)
+	if err != nil {
+		return nil, nil, err
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
+		pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder}), nil
+}
+
+func randomBytes(n int) []byte {
+	b := make([]byte, n)
+	if _, err := rand.Read(b); err != nil {
+		panic(err)
+	}
+	return b
+}
+
+func fatal(err error) {
+	fmt.Fprintln(os.Stderr, "bench:", err)
+	os.Exit(1)
+}
