@@ -29,6 +29,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+	"vimg.dev/vimg/dvcr/client"
+	"vimg.dev/vimg/dvcr/layout"
 
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
@@ -460,5 +462,62 @@ func TestDVCR_CollectsDeletedImagesWhileServing(t *testing.T) {
 	resp.Body.Close()
 	if !strings.Contains(string(body), "dvcr_gc_blobs_deleted_total") {
 		t.Error("/metrics does not show the collector's counters")
+	}
+}
+
+// TestDVCR_SkopeoCopiesAPushedDiskImage: a disk image pushed by our client
+// (the layout the importers write) is read out of the real dvcr process by
+// skopeo with a pull-only user, and the disk file in the copied layer is the
+// pushed bytes.
+func TestDVCR_SkopeoCopiesAPushedDiskImage(t *testing.T) {
+	skopeo := testimg.Require(t, "skopeo")
+	p := startDVCR(t)
+	disk := bytes.Repeat([]byte("a disk sector, then a hole "), 40000)
+	disk = append(disk, make([]byte, 1<<20)...)
+	c, err := client.New(p.addr, client.Options{Username: adminUser, Password: adminPass, Transport: p.client.Transport})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref := layout.Ref(layout.Repository("vi", "ns", "disk"), "uid-1")
+	pushed, err := c.Push(context.Background(), ref, bytes.NewReader(disk), int64(len(disk)),
+		layout.Meta{Format: "raw", VirtualSize: int64(len(disk))}, client.PushOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	home, out := t.TempDir(), filepath.Join(t.TempDir(), "copy")
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, skopeo, "copy", "--src-tls-verify=false", "--src-creds", pullUser+":"+pullPass,
+		"docker://"+p.addr+"/"+ref, "dir:"+out)
+	cmd.Env = append(os.Environ(), "HOME="+home, "XDG_RUNTIME_DIR="+home, "XDG_CONFIG_HOME="+home)
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("skopeo copy: %v\n%s", err, b)
+	}
+	f, err := os.Open(filepath.Join(out, pushed.Layer.Digest.Encoded()))
+	if err != nil {
+		t.Fatalf("skopeo did not copy the layer: %v", err)
+	}
+	defer f.Close()
+	tr := tar.NewReader(f)
+	for {
+		h, err := tr.Next()
+		if err != nil {
+			t.Fatalf("no disk file in the copied layer: %v", err)
+		}
+		if h.Name != "disk/disk.img" {
+			continue
+		}
+		if h.Uid != 107 || h.Gid != 107 {
+			t.Errorf("disk file owned %d:%d, want 107:107", h.Uid, h.Gid)
+		}
+		got, err := io.ReadAll(tr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, disk) {
+			t.Fatalf("the disk file skopeo copied (%d bytes) is not the pushed one (%d bytes)", len(got), len(disk))
+		}
+		return
 	}
 }
