@@ -33,6 +33,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"sync"
@@ -54,6 +55,8 @@ func main() {
 		runs     = flag.Int("runs", 3, "runs per operation; the best is reported")
 		parallel = flag.Int("parallel", 8, "concurrent ranged reads in the ranged pull")
 		piece    = flag.Int64("piece", 8<<20, "bytes per ranged read")
+		plain    = flag.Bool("insecure-http", false, "run dvcr without TLS, to see what TLS costs")
+		cpuProf  = flag.String("cpuprofile", "", "write the client's CPU profile here")
 	)
 	flag.Parse()
 	if err := os.MkdirAll(*dir, 0o755); err != nil {
@@ -72,13 +75,13 @@ func main() {
 	}
 	n := st.Size()
 
-	srv, err := startDVCR(*dvcr, *dir)
+	srv, err := startDVCR(*dvcr, *dir, *plain)
 	if err != nil {
 		fatal(err)
 	}
 	defer srv.stop()
 
-	c, err := client.New(srv.addr, client.Options{Username: "bench", Password: srv.password, CABundle: srv.ca})
+	c, err := client.New(srv.addr, client.Options{Username: "bench", Password: srv.password, CABundle: srv.ca, PlainHTTP: *plain})
 	if err != nil {
 		fatal(err)
 	}
@@ -129,6 +132,19 @@ func main() {
 			}
 			return f.Close()
 		}},
+		{"pull (stream, no disk)", func() error {
+			im, err := c.Open(ctx, ref)
+			if err != nil {
+				return err
+			}
+			r, err := im.Reader(ctx)
+			if err != nil {
+				return err
+			}
+			defer r.Close()
+			_, err = io.Copy(io.Discard, r)
+			return err
+		}},
 		{fmt.Sprintf("pull (%d ranged)", *parallel), func() error {
 			im, err := c.Open(ctx, ref)
 			if err != nil {
@@ -136,8 +152,23 @@ func main() {
 			}
 			return rangedPull(im, pulled, *parallel, *piece)
 		}},
+		{fmt.Sprintf("pull (%d ranged, no disk)", *parallel), func() error {
+			im, err := c.Open(ctx, ref)
+			if err != nil {
+				return err
+			}
+			return rangedPull(im, "", *parallel, *piece)
+		}},
 	}
 
+	if *cpuProf != "" {
+		f, err := os.Create(*cpuProf)
+		if err != nil {
+			fatal(err)
+		}
+		pprof.StartCPUProfile(f)
+		defer pprof.StopCPUProfile()
+	}
 	best := map[string]time.Duration{}
 	cpu := map[string][2]time.Duration{} // client, server CPU of the best run
 	for i := 0; i < *runs; i++ {
@@ -147,7 +178,9 @@ func main() {
 			// (on a file system mounted with discard, freeing blocks
 			// inside the timed part costs more than writing them).
 			os.Remove(copyPath)
-			os.Remove(pulled)
+			if !strings.Contains(op.name, "no disk") {
+				os.Remove(pulled) // kept from the last pull to disk for the check below
+			}
 			if op.name == "push" {
 				srv.reset()
 			}
@@ -168,12 +201,16 @@ func main() {
 		fatal(err)
 	}
 
-	fmt.Printf("%d MiB through DVCR on loopback (TLS, token auth, filesystem storage in %s), best of %d\n", n>>20, *dir, *runs)
-	fmt.Printf("%-20s %10s %10s %8s %12s %12s\n", "operation", "seconds", "MB/s", "vs cp", "client CPU s", "dvcr CPU s")
+	transport := "TLS"
+	if *plain {
+		transport = "plain HTTP"
+	}
+	fmt.Printf("%d MiB through DVCR on loopback (%s, token auth, filesystem storage in %s), best of %d\n", n>>20, transport, *dir, *runs)
+	fmt.Printf("%-24s %10s %10s %8s %12s %12s\n", "operation", "seconds", "MB/s", "vs cp", "client CPU s", "dvcr CPU s")
 	cp := best["cp"]
 	for _, op := range ops {
 		d := best[op.name]
-		fmt.Printf("%-20s %10.2f %10.0f %7.2fx %12.2f %12.2f\n", op.name, d.Seconds(), float64(n)/d.Seconds()/1e6, cp.Seconds()/d.Seconds(),
+		fmt.Printf("%-24s %10.2f %10.0f %7.2fx %12.2f %12.2f\n", op.name, d.Seconds(), float64(n)/d.Seconds()/1e6, cp.Seconds()/d.Seconds(),
 			cpu[op.name][0].Seconds(), cpu[op.name][1].Seconds())
 	}
 	fmt.Println("vs cp = cp's wall time / the operation's (goal ≥ 0.8; >1: faster than cp); CPU = user+system seconds of this process (the client) and of dvcr")
@@ -203,22 +240,26 @@ func plainCopy(in, out string) error {
 }
 
 // rangedPull reads the disk file in pieces with parallel ranged requests and
-// writes each at its offset.
+// writes each at its offset in path ("" for nowhere).
 func rangedPull(im *client.Image, path string, parallel int, piece int64) error {
-	f, err := os.Create(path)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
 	size := im.Size()
-	if err := f.Truncate(size); err != nil {
-		return err
+	var w io.WriterAt = discardAt{}
+	if path != "" {
+		f, err := os.Create(path)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if err := f.Truncate(size); err != nil {
+			return err
+		}
+		w = f
 	}
 	offs := make(chan int64)
 	errs := make(chan error, parallel)
 	var wg sync.WaitGroup
 	ra := im.ReaderAt()
-	for w := 0; w < parallel; w++ {
+	for range parallel {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -229,7 +270,7 @@ func rangedPull(im *client.Image, path string, parallel int, piece int64) error 
 					errs <- fmt.Errorf("reading %d bytes at %d: %w", len(b), off, err)
 					return
 				}
-				if _, err := f.WriteAt(b, off); err != nil {
+				if _, err := w.WriteAt(b, off); err != nil {
 					errs <- err
 					return
 				}
@@ -256,8 +297,16 @@ feed:
 	if first != nil {
 		return first
 	}
-	return f.Close()
+	if f, ok := w.(*os.File); ok {
+		return f.Close()
+	}
+	return nil
 }
+
+// discardAt is an io.WriterAt that keeps nothing.
+type discardAt struct{}
+
+func (discardAt) WriteAt(p []byte, _ int64) (int, error) { return len(p), nil }
 
 // makeInput writes size pseudo-random bytes (incompressible, no holes: the
 // worst case for every layer) unless the file is already there.
@@ -325,7 +374,7 @@ type server struct {
 // startDVCR runs the dvcr binary with a fresh TLS certificate, one admin
 // user and a token key, on a free loopback port, and waits until it is
 // ready.
-func startDVCR(bin, dir string) (*server, error) {
+func startDVCR(bin, dir string, plain bool) (*server, error) {
 	cert, key, err := selfSigned()
 	if err != nil {
 		return nil, err
@@ -356,10 +405,16 @@ func startDVCR(bin, dir string) (*server, error) {
 	}
 	addr := ln.Addr().String()
 	ln.Close()
-	cmd := exec.Command(bin, "--listen", addr,
-		"--tls-cert-file", filepath.Join(dir, "tls.crt"), "--tls-key-file", filepath.Join(dir, "tls.key"),
-		"--storage-root", storage, "--users-file", filepath.Join(dir, "users"),
-		"--token-key-file", filepath.Join(dir, "token.key"))
+	args := []string{"--listen", addr, "--storage-root", storage, "--users-file", filepath.Join(dir, "users"),
+		"--token-key-file", filepath.Join(dir, "token.key")}
+	scheme := "https"
+	if plain {
+		args = append(args, "--insecure-http")
+		scheme = "http"
+	} else {
+		args = append(args, "--tls-cert-file", filepath.Join(dir, "tls.crt"), "--tls-key-file", filepath.Join(dir, "tls.key"))
+	}
+	cmd := exec.Command(bin, args...)
 	cmd.Stderr, err = os.Create(filepath.Join(dir, "dvcr.log"))
 	if err != nil {
 		return nil, err
@@ -372,7 +427,7 @@ func startDVCR(bin, dir string) (*server, error) {
 	pool.AppendCertsFromPEM(cert)
 	hc := &http.Client{Timeout: time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
 	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
-		resp, err := hc.Get("https://" + addr + "/readyz")
+		resp, err := hc.Get(scheme + "://" + addr + "/readyz")
 		if err == nil {
 			resp.Body.Close()
 			if resp.StatusCode == http.StatusOK {
