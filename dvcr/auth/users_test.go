@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"golang.org/x/crypto/bcrypt"
 )
@@ -146,5 +147,38 @@ func TestGrant_IntersectsWithTheRole(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// A password that passed is remembered for a minute (a client sending Basic
+// with every request pays bcrypt once), keyed by name AND password: another
+// password for the same name is checked for real, and after the minute the
+// file's hash is consulted again.
+func TestUsers_AuthenticateRemembersPassedCredentialsBriefly(t *testing.T) {
+	u := testUsers(t)
+	now := time.Unix(1_700_000_000, 0)
+	u.now = func() time.Time { return now }
+	if _, err := u.Authenticate("node", "n0de"); err != nil {
+		t.Fatal(err)
+	}
+	// The password changes behind the cache's back (as if the file were
+	// reloaded): the remembered pair still passes within the minute...
+	usr := u.byName["node"]
+	usr.hash = []byte(hash(t, "changed"))
+	u.byName["node"] = usr
+	if role, err := u.Authenticate("node", "n0de"); err != nil || role != RolePull {
+		t.Fatalf("remembered credentials: role %q, err %v", role, err)
+	}
+	// ...a different password is never taken from the cache...
+	if _, err := u.Authenticate("node", "n0de-wrong"); !errors.Is(err, ErrBadCredentials) {
+		t.Fatalf("a wrong password passed: %v", err)
+	}
+	// ...and after the minute bcrypt decides again.
+	now = now.Add(passedTTL + time.Second)
+	if _, err := u.Authenticate("node", "n0de"); !errors.Is(err, ErrBadCredentials) {
+		t.Fatalf("expired entry still passed: %v", err)
+	}
+	if _, err := u.Authenticate("node", "changed"); err != nil {
+		t.Fatalf("the current password: %v", err)
 	}
 }
