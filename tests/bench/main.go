@@ -52,13 +52,13 @@ func main() {
 		}
 		var v, q result
 		for i := 0; i < *runs; i++ {
-			os.Remove(out)
+			fresh(out)
 			r, err := run(*vimg, "convert", "--progress=never", c.path, out)
 			if err != nil {
 				fatal(fmt.Errorf("vimg on %s: %w", c.name, err))
 			}
 			v = v.best(r)
-			os.Remove(out)
+			fresh(out)
 			if c.xz {
 				r, err = runScratch(c.path, scratch, out)
 			} else {
@@ -75,6 +75,14 @@ func main() {
 			mbps(v), v.rssKiB>>10, mbps(q), q.rssKiB>>10, q.wall.Seconds()/v.wall.Seconds())
 	}
 	fmt.Println("ratio = qemu-img wall time / vimg wall time (>1: vimg is faster); RSS = peak resident set of the process")
+}
+
+// fresh removes a previous output and syncs, so that neither tool pays in
+// its timed run for freeing the other's blocks (on a file system mounted
+// with discard that costs more than writing them) or for flushing them.
+func fresh(out string) {
+	os.Remove(out)
+	syscall.Sync()
 }
 
 type input struct {
