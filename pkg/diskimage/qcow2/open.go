@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"sort"
 	"sync"
 
 	"github.com/lima-vm/go-qcow2reader/image"
@@ -28,6 +29,63 @@ func init() {
 type Image struct {
 	image.Image
 	header *Header
+	ra     io.ReaderAt // the file, zero-padded past its end
+	runs   []dataRun   // plain data clusters, coalesced; nil: every read goes to the library
+}
+
+// dataRun is a stretch of the guest disk stored uncompressed at consecutive
+// host offsets. qemu-img lays data out this way, so a plain image has a few
+// long runs.
+type dataRun struct{ guest, host, n int64 }
+
+// maxDataRuns bounds the memory of the run list (24 bytes a run). A more
+// fragmented image is read cluster by cluster through the library instead.
+const maxDataRuns = 1 << 20
+
+// ReadAt reads guest bytes. Plain data clusters are read straight from the
+// file, one read per run of consecutive clusters (the library reads one
+// cluster at a time, 16 reads per MiB at the default cluster size); every
+// other cluster (compressed, zero, unallocated, subclusters) goes through the
+// library.
+func (img *Image) ReadAt(p []byte, off int64) (int, error) {
+	if img.runs == nil {
+		return img.Image.ReadAt(p, off)
+	}
+	size := img.header.Size
+	if off < 0 {
+		return 0, fmt.Errorf("qcow2: negative offset %d", off)
+	}
+	if off >= size {
+		return 0, io.EOF
+	}
+	var eof error
+	if int64(len(p)) > size-off {
+		p, eof = p[:size-off], io.EOF
+	}
+	for n := 0; n < len(p); {
+		cur := off + int64(n)
+		i := sort.Search(len(img.runs), func(i int) bool { return img.runs[i].guest+img.runs[i].n > cur })
+		if i < len(img.runs) && img.runs[i].guest <= cur {
+			r := img.runs[i]
+			k := int(min(int64(len(p)-n), r.guest+r.n-cur))
+			if m, err := img.ra.ReadAt(p[n:n+k], r.host+cur-r.guest); err != nil && !(errors.Is(err, io.EOF) && m == k) {
+				return n + m, fmt.Errorf("qcow2: reading data at host offset %d: %w", r.host+cur-r.guest, err)
+			}
+			n += k
+			continue
+		}
+		end := off + int64(len(p))
+		if i < len(img.runs) {
+			end = min(end, img.runs[i].guest)
+		}
+		k := int(end - cur)
+		m, err := img.Image.ReadAt(p[n:n+k], cur)
+		if err != nil && !(errors.Is(err, io.EOF) && m == k) {
+			return n + m, err
+		}
+		n += k
+	}
+	return len(p), eof
 }
 
 // Header returns the checked header.
@@ -49,7 +107,8 @@ func Open(ra io.ReaderAt, size int64) (*Image, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := h.checkTables(ra, size); err != nil {
+	runs, err := h.checkTables(ra, size)
+	if err != nil {
 		return nil, err
 	}
 	if h.L1Size == 0 {
@@ -65,31 +124,33 @@ func Open(ra io.ReaderAt, size int64) (*Image, error) {
 	if err := li.Readable(); err != nil {
 		return nil, fmt.Errorf("qcow2: %w", err)
 	}
-	return &Image{Image: li, header: h}, nil
+	return &Image{Image: li, header: h, ra: cra, runs: runs}, nil
 }
 
 // checkTables reads the L1 table, the refcount table and every L2 table and
-// checks each mapping against the file size and the metadata.
-func (h *Header) checkTables(ra io.ReaderAt, size int64) error {
+// checks each mapping against the file size and the metadata. It returns the
+// plain data clusters as coalesced runs (nil when there are too many).
+func (h *Header) checkTables(ra io.ReaderAt, size int64) ([]dataRun, error) {
 	m := h.fixedMetadata()
 	if h.RefcountBytes > 0 {
 		// ParseHeader checked that the table lies inside the file.
 		rt := make([]byte, h.RefcountBytes)
 		if _, err := ra.ReadAt(rt, h.RefcountOffset); err != nil {
-			return fmt.Errorf("qcow2: reading refcount table: %w", err)
+			return nil, fmt.Errorf("qcow2: reading refcount table: %w", err)
 		}
 		if err := h.refcountBlocks(rt, size, m); err != nil {
-			return err
+			return nil, err
 		}
 	}
 	l1 := make([]byte, h.L1Size*8)
 	if _, err := ra.ReadAt(l1, h.L1Offset); err != nil {
-		return fmt.Errorf("qcow2: reading L1 table: %w", err)
+		return nil, fmt.Errorf("qcow2: reading L1 table: %w", err)
 	}
 	l2s, err := h.l1Entries(l1, size, m)
 	if err != nil {
-		return err
+		return nil, err
 	}
+	runs := make([]dataRun, 0, 16)
 	table := make([]byte, h.ClusterSize)
 	perTable := h.L2Entries()
 	es := h.L2EntrySize()
@@ -98,7 +159,7 @@ func (h *Header) checkTables(ra io.ReaderAt, size int64) error {
 			continue
 		}
 		if _, err := ra.ReadAt(table, off); err != nil {
-			return fmt.Errorf("qcow2: reading L2 table %d at %d: %w", i, off, err)
+			return nil, fmt.Errorf("qcow2: reading L2 table %d at %d: %w", i, off, err)
 		}
 		for j := int64(0); j < perTable; j++ {
 			guest := (int64(i)*perTable + j) * h.ClusterSize
@@ -111,14 +172,24 @@ func (h *Header) checkTables(ra io.ReaderAt, size int64) error {
 			}
 			mp, err := h.decodeL2(binary.BigEndian.Uint64(table[j*es:]), ext)
 			if err != nil {
-				return fmt.Errorf("%w (guest offset %d)", err, guest)
+				return nil, fmt.Errorf("%w (guest offset %d)", err, guest)
 			}
 			if err := h.checkData(mp, guest, size, m); err != nil {
-				return err
+				return nil, err
+			}
+			if mp.kind == kindData && runs != nil {
+				n := min(h.ClusterSize, h.Size-guest)
+				if k := len(runs); k > 0 && runs[k-1].guest+runs[k-1].n == guest && runs[k-1].host+runs[k-1].n == mp.host {
+					runs[k-1].n += n
+				} else if k < maxDataRuns {
+					runs = append(runs, dataRun{guest: guest, host: mp.host, n: n})
+				} else {
+					runs = nil // too fragmented to be worth the memory
+				}
 			}
 		}
 	}
-	return nil
+	return runs, nil
 }
 
 // clusterReaderAt carries the cluster size to the decompressor, which the
