@@ -341,30 +341,13 @@ func (d *decoder) handle(t target, b []byte) error {
 }
 
 func (d *decoder) mapTable(index int64, b []byte) error {
-	h := d.h
-	per, es := h.L2Entries(), h.L2EntrySize()
-	for j := int64(0); j < per; j++ {
-		guest := (index*per + j) * h.ClusterSize
-		if guest >= h.Size {
-			break
-		}
-		var ext uint64
-		if h.ExtendedL2 {
-			ext = binary.BigEndian.Uint64(b[j*es+8:])
-		}
-		mp, err := h.decodeL2(binary.BigEndian.Uint64(b[j*es:]), ext)
-		if err != nil {
-			return fmt.Errorf("%w (guest offset %d)", err, guest)
-		}
-		if err := h.checkData(mp, guest, -1, d.meta); err != nil {
-			return err
-		}
+	return d.h.mapL2(index, b, -1, d.meta, func(guest int64, mp mapping) error {
 		switch mp.kind {
 		case kindData, kindCompressed, kindSubclusters:
 			heap.Push(&d.wanted, target{kind: tData, host: mp.host, n: mp.hostLen, guest: guest, mp: mp})
 		}
-	}
-	return nil
+		return nil
+	})
 }
 
 func (d *decoder) emit(t target, b []byte) error {

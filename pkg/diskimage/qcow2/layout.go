@@ -2,6 +2,7 @@ package qcow2
 
 import (
 	"encoding/binary"
+	"fmt"
 	"slices"
 	"sort"
 )
@@ -107,6 +108,36 @@ func (h *Header) decodeL2(e, ext uint64) (mapping, error) {
 		return mapping{}, corrupt("data cluster at host offset %d is not cluster aligned", host)
 	}
 	return mapping{kind: kindData, host: host, hostLen: h.ClusterSize}, nil
+}
+
+// mapL2 decodes and checks every entry of L2 table number index (held in
+// b), in guest order, and hands each mapping to visit. fileSize is -1 while
+// the end of the file is not known yet (one pass over a stream). Random
+// access (Open) and the one-pass decoder walk the tables through here, so
+// both refuse the same images with the same messages.
+func (h *Header) mapL2(index int64, b []byte, fileSize int64, m *metadata, visit func(guest int64, mp mapping) error) error {
+	per, es := h.L2Entries(), h.L2EntrySize()
+	for j := int64(0); j < per; j++ {
+		guest := (index*per + j) * h.ClusterSize
+		if guest >= h.Size {
+			break
+		}
+		var ext uint64
+		if h.ExtendedL2 {
+			ext = binary.BigEndian.Uint64(b[j*es+8:])
+		}
+		mp, err := h.decodeL2(binary.BigEndian.Uint64(b[j*es:]), ext)
+		if err != nil {
+			return fmt.Errorf("%w (guest offset %d)", err, guest)
+		}
+		if err := h.checkData(mp, guest, fileSize, m); err != nil {
+			return err
+		}
+		if err := visit(guest, mp); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // span is a half-open byte range of the file.

@@ -1,7 +1,6 @@
 package qcow2
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -152,8 +151,6 @@ func (h *Header) checkTables(ra io.ReaderAt, size int64) ([]dataRun, error) {
 	}
 	runs := make([]dataRun, 0, 16)
 	table := make([]byte, h.ClusterSize)
-	perTable := h.L2Entries()
-	es := h.L2EntrySize()
 	for i, off := range l2s {
 		if off == 0 {
 			continue
@@ -161,32 +158,22 @@ func (h *Header) checkTables(ra io.ReaderAt, size int64) ([]dataRun, error) {
 		if _, err := ra.ReadAt(table, off); err != nil {
 			return nil, fmt.Errorf("qcow2: reading L2 table %d at %d: %w", i, off, err)
 		}
-		for j := int64(0); j < perTable; j++ {
-			guest := (int64(i)*perTable + j) * h.ClusterSize
-			if guest >= h.Size {
-				break
+		err := h.mapL2(int64(i), table, size, m, func(guest int64, mp mapping) error {
+			if mp.kind != kindData || runs == nil {
+				return nil
 			}
-			var ext uint64
-			if h.ExtendedL2 {
-				ext = binary.BigEndian.Uint64(table[j*es+8:])
+			n := min(h.ClusterSize, h.Size-guest)
+			if k := len(runs); k > 0 && runs[k-1].guest+runs[k-1].n == guest && runs[k-1].host+runs[k-1].n == mp.host {
+				runs[k-1].n += n
+			} else if k < maxDataRuns {
+				runs = append(runs, dataRun{guest: guest, host: mp.host, n: n})
+			} else {
+				runs = nil // too fragmented to be worth the memory
 			}
-			mp, err := h.decodeL2(binary.BigEndian.Uint64(table[j*es:]), ext)
-			if err != nil {
-				return nil, fmt.Errorf("%w (guest offset %d)", err, guest)
-			}
-			if err := h.checkData(mp, guest, size, m); err != nil {
-				return nil, err
-			}
-			if mp.kind == kindData && runs != nil {
-				n := min(h.ClusterSize, h.Size-guest)
-				if k := len(runs); k > 0 && runs[k-1].guest+runs[k-1].n == guest && runs[k-1].host+runs[k-1].n == mp.host {
-					runs[k-1].n += n
-				} else if k < maxDataRuns {
-					runs = append(runs, dataRun{guest: guest, host: mp.host, n: n})
-				} else {
-					runs = nil // too fragmented to be worth the memory
-				}
-			}
+			return nil
+		})
+		if err != nil {
+			return nil, err
 		}
 	}
 	return runs, nil
