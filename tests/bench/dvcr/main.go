@@ -14,19 +14,14 @@ package main
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/base64"
-	"encoding/pem"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
-	"math/big"
 	mrand "math/rand/v2"
 	"net"
 	"net/http"
@@ -44,6 +39,7 @@ import (
 
 	"vimg.dev/vimg/dvcr/client"
 	"vimg.dev/vimg/dvcr/layout"
+	"vimg.dev/vimg/pkg/selfsigned"
 )
 
 func main() {
@@ -112,53 +108,10 @@ func main() {
 			_, err = c.Push(ctx, ref, f, n, meta, client.PushOptions{})
 			return err
 		}},
-		{"pull (stream)", func() error {
-			im, err := c.Open(ctx, ref)
-			if err != nil {
-				return err
-			}
-			r, err := im.Reader(ctx)
-			if err != nil {
-				return err
-			}
-			defer r.Close()
-			f, err := os.Create(pulled)
-			if err != nil {
-				return err
-			}
-			defer f.Close()
-			if _, err := io.Copy(f, r); err != nil {
-				return err
-			}
-			return f.Close()
-		}},
-		{"pull (stream, no disk)", func() error {
-			im, err := c.Open(ctx, ref)
-			if err != nil {
-				return err
-			}
-			r, err := im.Reader(ctx)
-			if err != nil {
-				return err
-			}
-			defer r.Close()
-			_, err = io.Copy(io.Discard, r)
-			return err
-		}},
-		{fmt.Sprintf("pull (%d ranged)", *parallel), func() error {
-			im, err := c.Open(ctx, ref)
-			if err != nil {
-				return err
-			}
-			return rangedPull(im, pulled, *parallel, *piece)
-		}},
-		{fmt.Sprintf("pull (%d ranged, no disk)", *parallel), func() error {
-			im, err := c.Open(ctx, ref)
-			if err != nil {
-				return err
-			}
-			return rangedPull(im, "", *parallel, *piece)
-		}},
+		{"pull (stream)", func() error { return streamPull(ctx, c, ref, pulled) }},
+		{"pull (stream, no disk)", func() error { return streamPull(ctx, c, ref, "") }},
+		{fmt.Sprintf("pull (%d ranged)", *parallel), func() error { return rangedPull(ctx, c, ref, pulled, *parallel, *piece) }},
+		{fmt.Sprintf("pull (%d ranged, no disk)", *parallel), func() error { return rangedPull(ctx, c, ref, "", *parallel, *piece) }},
 	}
 
 	if *cpuProf != "" {
@@ -239,9 +192,40 @@ func plainCopy(in, out string) error {
 	return dst.Close()
 }
 
+// streamPull reads the whole disk file as one stream (the layer digest
+// checked at its end) into path ("" for nowhere).
+func streamPull(ctx context.Context, c *client.Client, ref, path string) error {
+	im, err := c.Open(ctx, ref)
+	if err != nil {
+		return err
+	}
+	r, err := im.Reader(ctx)
+	if err != nil {
+		return err
+	}
+	defer r.Close()
+	if path == "" {
+		_, err = io.Copy(io.Discard, r)
+		return err
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if _, err := io.Copy(f, r); err != nil {
+		return err
+	}
+	return f.Close()
+}
+
 // rangedPull reads the disk file in pieces with parallel ranged requests and
 // writes each at its offset in path ("" for nowhere).
-func rangedPull(im *client.Image, path string, parallel int, piece int64) error {
+func rangedPull(ctx context.Context, c *client.Client, ref, path string, parallel int, piece int64) error {
+	im, err := c.Open(ctx, ref)
+	if err != nil {
+		return err
+	}
 	size := im.Size()
 	var w io.WriterAt = discardAt{}
 	if path != "" {
@@ -375,7 +359,7 @@ type server struct {
 // user and a token key, on a free loopback port, and waits until it is
 // ready.
 func startDVCR(bin, dir string, plain bool) (*server, error) {
-	cert, key, err := selfSigned()
+	cert, key, err := selfsigned.Loopback("dvcr-bench")
 	if err != nil {
 		return nil, err
 	}
@@ -448,34 +432,6 @@ func (s *server) reset() {
 func (s *server) stop() {
 	s.cmd.Process.Signal(syscall.SIGTERM)
 	s.cmd.Wait()
-}
-
-func selfSigned() (certPEM, keyPEM []byte, err error) {
-	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return nil, nil, err
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "dvcr-bench"},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(24 * time.Hour),
-		IPAddresses:           []net.IP{net.ParseIP("127.0.0.1")},
-		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
-		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &k.PublicKey, k)
-	if err != nil {
-		return nil, nil, err
-	}
-	kder, err := x509.MarshalECPrivateKey(k)
-	if err != nil {
-		return nil, nil, err
-	}
-	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
-		pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder}), nil
 }
 
 func randomBytes(n int) []byte {
