@@ -402,15 +402,14 @@ type exactReader struct {
 	r           io.Reader
 	left, total int64
 	progress    func(int64)
-	err         error // sticky; only the reading goroutine touches it
-	failed      atomic.Pointer[error]
+	failed      atomic.Pointer[error] // sticky; read by upload from another goroutine
 	done        bool
 }
 
-// setErr records the first failure of the source, also for Failure.
-func (e *exactReader) setErr(err error) {
-	e.err = err
+// fail records the source's failure and returns it.
+func (e *exactReader) fail(err error) error {
 	e.failed.Store(&err)
+	return err
 }
 
 // Failure is the source's failure, if any, safe to call from any goroutine
@@ -424,8 +423,8 @@ func (e *exactReader) Failure() error {
 }
 
 func (e *exactReader) Read(p []byte) (int, error) {
-	if e.err != nil {
-		return 0, e.err
+	if err := e.Failure(); err != nil {
+		return 0, err
 	}
 	if e.left == 0 {
 		if err := e.finish(); err != nil {
@@ -443,39 +442,33 @@ func (e *exactReader) Read(p []byte) (int, error) {
 	}
 	switch {
 	case err == io.EOF && e.left > 0:
-		e.setErr(fmt.Errorf("source ended after %d of %d bytes: %w", e.total-e.left, e.total, io.ErrUnexpectedEOF))
+		return n, e.fail(fmt.Errorf("source ended after %d of %d bytes: %w", e.total-e.left, e.total, io.ErrUnexpectedEOF))
 	case err != nil && err != io.EOF:
-		e.setErr(fmt.Errorf("reading source at byte %d: %w", e.total-e.left, err))
-	}
-	if e.err != nil {
-		return n, e.err
+		return n, e.fail(fmt.Errorf("reading source at byte %d: %w", e.total-e.left, err))
 	}
 	return n, nil
 }
 
 // finish checks that r has nothing beyond total bytes.
 func (e *exactReader) finish() error {
-	if e.done || e.err != nil {
-		return e.err
+	if err := e.Failure(); e.done || err != nil {
+		return err
 	}
 	if e.left > 0 {
-		e.setErr(fmt.Errorf("source ended after %d of %d bytes: %w", e.total-e.left, e.total, io.ErrUnexpectedEOF))
-		return e.err
+		return e.fail(fmt.Errorf("source ended after %d of %d bytes: %w", e.total-e.left, e.total, io.ErrUnexpectedEOF))
 	}
 	e.done = true
 	var one [1]byte
 	for {
 		n, err := e.r.Read(one[:])
 		if n > 0 {
-			e.setErr(fmt.Errorf("source has more than the %d bytes announced", e.total))
-			return e.err
+			return e.fail(fmt.Errorf("source has more than the %d bytes announced", e.total))
 		}
 		if err == io.EOF {
 			return nil
 		}
 		if err != nil {
-			e.setErr(fmt.Errorf("reading source after %d bytes: %w", e.total, err))
-			return e.err
+			return e.fail(fmt.Errorf("reading source after %d bytes: %w", e.total, err))
 		}
 	}
 }
