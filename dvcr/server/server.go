@@ -73,25 +73,26 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	}
 	s := &Server{app: app, driver: driver, metrics: m}
 
-	var registry http.Handler = readAhead(app)
+	// Only requests with valid credentials get the read-ahead (a few MiB
+	// of buffers per upload) and Wrap (the garbage collector's lease
+	// guard): an anonymous client must not make the registry allocate
+	// buffers or write lease records at its rate. Rejected requests go
+	// straight to the registry, which refuses them. Scopes are still
+	// checked by the registry itself; the gate only authenticates, without
+	// counting failures a second time.
+	authenticated := readAhead(app)
 	if cfg.Wrap != nil {
-		// Wrap (the garbage collector's lease guard) sees only requests
-		// with valid credentials: a rejected request must not make the
-		// registry write lease records at an anonymous client's rate.
-		// Scopes are still checked by the registry itself; this gate only
-		// authenticates, without counting failures a second time.
-		gate := *ac
-		gate.Observer = nil
-		plain := registry
-		wrapped := cfg.Wrap(plain)
-		registry = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			if _, err := gate.Authorized(r); err == nil {
-				wrapped.ServeHTTP(w, r)
-				return
-			}
-			plain.ServeHTTP(w, r)
-		})
+		authenticated = cfg.Wrap(authenticated)
 	}
+	gate := *ac
+	gate.Observer = nil
+	registry := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if _, err := gate.Authorized(r); err == nil {
+			authenticated.ServeHTTP(w, r)
+			return
+		}
+		app.ServeHTTP(w, r)
+	})
 	tokens := &auth.TokenServer{
 		Users:    cfg.Users,
 		Keys:     cfg.TokenKeys,
