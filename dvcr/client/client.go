@@ -23,6 +23,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"strings"
 	"sync"
 	"time"
@@ -279,7 +280,7 @@ func (c *Client) do(req *http.Request, sc scope) (*http.Response, error) {
 	c.authorize(req, sc)
 	resp, err := c.http.Do(req)
 	if err != nil {
-		return nil, err
+		return nil, transportError(err)
 	}
 	if resp.StatusCode != http.StatusUnauthorized || c.opts.Token != "" {
 		return resp, nil
@@ -326,7 +327,28 @@ func (c *Client) resend(req *http.Request, sc scope) (*http.Response, error) {
 		again.Body = b
 	}
 	c.authorize(again, sc)
-	return c.http.Do(again)
+	resp, err := c.http.Do(again)
+	if err != nil {
+		return nil, transportError(err)
+	}
+	return resp, nil
+}
+
+// transportError drops the query of the URL a transport error names: an
+// upload's location carries the registry's long, opaque upload state
+// there, which says nothing to a reader of the message. (http.Client.Do
+// returns its errors as a *url.Error, never wrapped.)
+func transportError(err error) error {
+	ue, ok := err.(*url.Error)
+	if !ok {
+		return err
+	}
+	u, perr := url.Parse(ue.URL)
+	if perr != nil || u.RawQuery == "" {
+		return err
+	}
+	u.RawQuery = ""
+	return &url.Error{Op: ue.Op, URL: u.String(), Err: ue.Err}
 }
 
 func (c *Client) authorize(req *http.Request, sc scope) {

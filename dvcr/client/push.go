@@ -42,6 +42,15 @@ type PushOptions struct {
 	// the registry a reopen of the upload and its hash state). Chunks only
 	// help behind proxies that cap a request body.
 	ChunkSize int64
+	// Finalize, when set, is called once the layer is in the registry
+	// (uploaded, found or mounted) and before the config and the manifest
+	// are written, with the metadata they will carry. It may fill in what
+	// is known only once the bytes have gone by (the virtual size, the
+	// source checksum); it may not change the format, the file name or the
+	// stored size, which the layer already holds. An error from it ends the
+	// push without a manifest, so that an image refused after its upload
+	// never becomes visible (its layer is left to garbage collection).
+	Finalize func(*layout.Meta) error
 }
 
 // Pushed describes a pushed image.
@@ -131,6 +140,11 @@ func (c *Client) push(ctx context.Context, ref string, r io.Reader, size int64, 
 		uploaded = true
 	}
 
+	if opts.Finalize != nil {
+		if meta, err = finalize(meta, opts.Finalize); err != nil {
+			return Pushed{}, err
+		}
+	}
 	cfg, err := layout.Config(meta, layer.Digest)
 	if err != nil {
 		return Pushed{}, err
@@ -150,6 +164,23 @@ func (c *Client) push(ctx context.Context, ref string, r io.Reader, size int64, 
 	log.V(2).Info("Pushed disk image", "digest", md, "layer", layer.Digest, "layerUploaded", uploaded,
 		"bytes", size, "duration", time.Since(start))
 	return Pushed{Digest: md, Size: int64(len(man)), Config: cfgDesc, Layer: layer, LayerUploaded: uploaded}, nil
+}
+
+// finalize lets f complete meta and checks that it kept what the layer
+// already holds.
+func finalize(meta layout.Meta, f func(*layout.Meta) error) (layout.Meta, error) {
+	m := meta
+	if err := f(&m); err != nil {
+		return layout.Meta{}, fmt.Errorf("finalizing metadata: %w", err)
+	}
+	if m.Format != meta.Format || m.Name() != meta.Name() || m.StoredSize != meta.StoredSize {
+		return layout.Meta{}, fmt.Errorf("finalizing metadata changed what the layer holds (format %q, file %q, %d bytes) to format %q, file %q, %d bytes",
+			meta.Format, meta.Name(), meta.StoredSize, m.Format, m.Name(), m.StoredSize)
+	}
+	if err := m.Validate(); err != nil {
+		return layout.Meta{}, fmt.Errorf("finalized metadata: %w", err)
+	}
+	return m, nil
 }
 
 // reuseLayer finds the layer d in repo or mounts it from one of from. It
