@@ -88,6 +88,14 @@ cluster-down: ## Stop the local cluster and undo its changes to the machine
 cluster-status: ## Show the local cluster
 	tests/cluster/status.sh
 
+.PHONY: deploy
+deploy: cluster-up ## Build our image, load it into the local cluster and apply deploy/ (kubectl apply -k)
+	tests/cluster/deploy.sh
+
+.PHONY: undeploy
+undeploy: ## Delete every image, then everything deploy/ applied, from the local cluster
+	tests/cluster/deploy.sh delete
+
 .PHONY: e2e
 e2e: ## e2e tests on the local cluster (brought up and down unless it is already up)
 	tests/cluster/run-e2e.sh
@@ -105,12 +113,8 @@ bench-go: ## Micro-benchmarks (go test -bench)
 	$(GO) test -run '^$$' -bench . -benchmem ./pkg/...
 
 .PHONY: demo
-demo: cluster-up ## The main job, end to end: today, the local cluster it runs on
-	@echo; echo "== the local cluster (tests/cluster/kubectl talks to it; make cluster-down stops it)"
-	tests/cluster/kubectl get nodes -o wide
-	tests/cluster/kubectl get storageclass
-	tests/cluster/kubectl get pods -A
-	@echo; echo "Next (issues 5-8): images imported into DVCR and PVCs filled from them, shown here."
+demo: cluster-up ## The main job, end to end: deploy vimg, import images over HTTP into DVCR, show them
+	tests/cluster/demo.sh
 
 .PHONY: clean
 clean: ## Remove build output (the binary cache stays: see tests/cluster/build-binaries.sh)

@@ -28,6 +28,7 @@ import (
 	"vimg.dev/vimg/pkg/controller/bootstrap"
 	"vimg.dev/vimg/pkg/controller/image"
 	"vimg.dev/vimg/pkg/version"
+	"vimg.dev/vimg/pkg/worker/api"
 )
 
 func main() {
@@ -46,6 +47,10 @@ type options struct {
 	workerCPU, workerMemory            string
 	workerMemoryLimit                  string
 	trustedCA                          string
+	uploadNamespace                    string
+	uploadInClusterURL                 string
+	uploadExternalURL                  string
+	uploadTimeout                      time.Duration
 	maxAttempts                        int
 	retryBackoff                       time.Duration
 	leaderElect                        bool
@@ -72,6 +77,10 @@ func run() error {
 	flag.StringVar(&o.workerMemory, "worker-memory-request", "128Mi", "memory request of an import pod")
 	flag.StringVar(&o.workerMemoryLimit, "worker-memory-limit", "1Gi", "memory limit of an import pod (the engine's spill bound is 128 MiB)")
 	flag.StringVar(&o.trustedCA, "trusted-ca-configmap", "vimg-trusted-ca", "optional ConfigMap in --namespace with PEM CA certificates import pods trust for HTTPS sources and registries, besides the system roots")
+	flag.StringVar(&o.uploadNamespace, "upload-namespace", "vimg-uploads", "namespace of the upload Secrets (nothing else may live there: the upload gateway reads all its Secrets)")
+	flag.StringVar(&o.uploadInClusterURL, "upload-in-cluster-url", "https://vimg-upload.vimg-system.svc", "base of status.imageUploadURLs.inCluster")
+	flag.StringVar(&o.uploadExternalURL, "upload-external-url", "", "base of status.imageUploadURLs.external (e.g. https://uploads.example.com, where an Ingress or LoadBalancer reaches the vimg-upload Service); empty shows none")
+	flag.DurationVar(&o.uploadTimeout, "upload-timeout", time.Hour, "how long an Upload image waits for its upload to start before it is Failed (WaitForUserUploadTimeout)")
 	flag.IntVar(&o.maxAttempts, "max-attempts", 5, "import pods tried after transient failures before an image is Failed")
 	flag.DurationVar(&o.retryBackoff, "retry-backoff", 10*time.Second, "wait before the second import attempt, doubled each time (at most 5m)")
 	flag.BoolVar(&o.leaderElect, "leader-elect", true, "elect a leader among replicas")
@@ -103,6 +112,7 @@ func run() error {
 	secrets, err := bootstrapWithRetry(ctx, cs, bootstrap.Names{
 		Namespace: o.namespace, TLSSecret: o.tlsSecret, AuthSecret: o.authSecret,
 		CAConfigMap: o.caConfigMap, Service: o.dvcrService,
+		UploadTLSSecret: "vimg-upload-tls", UploadService: "vimg-upload",
 	})
 	if err != nil {
 		return err
@@ -120,17 +130,22 @@ func run() error {
 		return err
 	}
 	importers := labels.SelectorFromSet(labels.Set{image.LabelComponent: "importer"})
+	uploadSecrets := labels.SelectorFromSet(labels.Set{api.LabelUpload: "true"})
 	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
 		Scheme:                  scheme,
 		LeaderElection:          o.leaderElect,
 		LeaderElectionID:        "vimg-controller.vimg.dev",
 		LeaderElectionNamespace: o.namespace,
-		Metrics:                 metricsserver.Options{BindAddress: o.metricsAddr},
-		HealthProbeBindAddress:  o.probeAddr,
-		// Only import pods are cached, and only in our namespace; user
-		// Secrets are read on demand and never cached or watched.
+		// A replaced pod hands over at once instead of after the lease.
+		LeaderElectionReleaseOnCancel: true,
+		Metrics:                       metricsserver.Options{BindAddress: o.metricsAddr},
+		HealthProbeBindAddress:        o.probeAddr,
+		// Only import pods (in our namespace) and upload Secrets (in the
+		// upload namespace) are cached; every other Secret is read on
+		// demand and never cached or watched.
 		Cache: cache.Options{ByObject: map[client.Object]cache.ByObject{
-			&corev1.Pod{}: {Namespaces: map[string]cache.Config{o.namespace: {}}, Label: importers},
+			&corev1.Pod{}:    {Namespaces: map[string]cache.Config{o.namespace: {}}, Label: importers},
+			&corev1.Secret{}: {Namespaces: map[string]cache.Config{o.uploadNamespace: {}}, Label: uploadSecrets},
 		}},
 		Client: client.Options{Cache: &client.CacheOptions{DisableFor: []client.Object{&corev1.Secret{}}}},
 	})
@@ -142,6 +157,8 @@ func run() error {
 		Registry: dvcr, Tokens: dvcr,
 		WorkerImage: o.workerImage, WorkerImagePullPolicy: corev1.PullPolicy(o.workerPullPolicy),
 		WorkerServiceAccount: o.workerServiceAccount, WorkerResources: resources, TrustedCAConfigMap: o.trustedCA,
+		UploadNamespace: o.uploadNamespace, UploadInClusterURL: o.uploadInClusterURL,
+		UploadExternalURL: o.uploadExternalURL, UploadTimeout: o.uploadTimeout,
 		MaxAttempts: o.maxAttempts, RetryBackoff: o.retryBackoff,
 	}
 	vi := image.NewVirtualImageReconciler(mgr.GetClient(), mgr.GetAPIReader(), mgr.GetEventRecorderFor("vimg-controller"), icfg)

@@ -21,7 +21,7 @@ stop() { # NAME: TERM the process group, KILL it after 10s
 }
 
 # Node side first, so nothing restarts containers while they are removed.
-for c in csi-provisioner kube-proxy kubelet vimg-test-csi; do stop "$c"; done
+for c in demo-httpd csi-provisioner kube-proxy kubelet vimg-test-csi; do stop "$c"; done
 
 # Containers: every process in the kubepods cgroups is a container of ours.
 for cg in /sys/fs/cgroup/*/kubepods; do

@@ -14,6 +14,12 @@ else
 fi
 
 cd "$REPO"
+# vimg itself, deployed the way an installation is (kubectl apply -k deploy).
+if ! "$HERE/deploy.sh"; then
+	log "deploying vimg failed"
+	[ "$reuse" = 0 ] && "$HERE/down.sh"
+	exit 1
+fi
 GO_TEST_TAGS=e2e "$REPO/tests/run-go-tests.sh" ./tests/e2e/...
 rc=$?
 

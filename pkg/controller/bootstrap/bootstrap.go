@@ -60,6 +60,9 @@ type Names struct {
 	CAConfigMap string
 	// Service is DVCR's Service name; the certificate covers its DNS names.
 	Service string
+	// UploadTLSSecret holds tls.crt and tls.key of the upload gateway,
+	// signed by the same CA, for UploadService's DNS names. Empty: none.
+	UploadTLSSecret, UploadService string
 }
 
 // DVCR is what the controller needs to talk to the registry.
@@ -97,6 +100,14 @@ func Ensure(ctx context.Context, cs kubernetes.Interface, n Names) (DVCR, error)
 	}
 	if err := ensureCAConfigMap(ctx, cs, n, ca); err != nil {
 		return DVCR{}, err
+	}
+	if n.UploadTLSSecret != "" {
+		_, err := ensureSecret(ctx, cs, n.Namespace, n.UploadTLSSecret, corev1.SecretTypeTLS, func() (map[string][]byte, error) {
+			return issue(tlsSec.Data, serviceDNSNames(n.UploadService, n.Namespace))
+		})
+		if err != nil {
+			return DVCR{}, err
+		}
 	}
 	log.Info("DVCR secrets are in place", "namespace", n.Namespace, "tlsSecret", n.TLSSecret, "authSecret", n.AuthSecret)
 	return d, nil
@@ -162,8 +173,9 @@ func ensureCAConfigMap(ctx context.Context, cs kubernetes.Interface, n Names, ca
 }
 
 // DNSNames are the names the DVCR certificate is valid for.
-func DNSNames(n Names) []string {
-	s, ns := n.Service, n.Namespace
+func DNSNames(n Names) []string { return serviceDNSNames(n.Service, n.Namespace) }
+
+func serviceDNSNames(s, ns string) []string {
 	return []string{s, s + "." + ns, s + "." + ns + ".svc", s + "." + ns + ".svc.cluster.local"}
 }
 
@@ -175,7 +187,7 @@ func newPKI(n Names) (map[string][]byte, error) {
 	}
 	caTmpl := &x509.Certificate{
 		SerialNumber:          serial(),
-		Subject:               pkix.Name{CommonName: "vimg DVCR CA", Organization: []string{"vimg"}},
+		Subject:               pkix.Name{CommonName: "vimg CA", Organization: []string{"vimg"}},
 		NotBefore:             now.Add(-time.Hour),
 		NotAfter:              now.Add(certValidity),
 		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
@@ -187,15 +199,43 @@ func newPKI(n Names) (map[string][]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("signing the CA: %w", err)
 	}
-	caCert, err := x509.ParseCertificate(caDER)
+	caKeyPEM, err := ecPEM(caKey)
 	if err != nil {
 		return nil, err
 	}
+	ca := map[string][]byte{
+		KeyCACert: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER}),
+		KeyCAKey:  caKeyPEM,
+	}
+	leaf, err := issue(ca, DNSNames(n))
+	if err != nil {
+		return nil, err
+	}
+	ca[KeyTLSCert], ca[KeyTLSKey] = leaf[KeyTLSCert], leaf[KeyTLSKey]
+	return ca, nil
+}
+
+// issue signs a serving certificate for names with the CA in ca (ca.crt and
+// ca.key); the result holds tls.crt, tls.key and ca.crt.
+func issue(ca map[string][]byte, names []string) (map[string][]byte, error) {
+	cb, _ := pem.Decode(ca[KeyCACert])
+	kb, _ := pem.Decode(ca[KeyCAKey])
+	if cb == nil || kb == nil {
+		return nil, errors.New("the CA secret has no ca.crt or ca.key")
+	}
+	caCert, err := x509.ParseCertificate(cb.Bytes)
+	if err != nil {
+		return nil, fmt.Errorf("parsing the CA certificate: %w", err)
+	}
+	caKey, err := x509.ParseECPrivateKey(kb.Bytes)
+	if err != nil {
+		return nil, fmt.Errorf("parsing the CA key: %w", err)
+	}
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
-		return nil, fmt.Errorf("generating the serving key: %w", err)
+		return nil, fmt.Errorf("generating a serving key: %w", err)
 	}
-	names := DNSNames(n)
+	now := time.Now()
 	tmpl := &x509.Certificate{
 		SerialNumber: serial(),
 		Subject:      pkix.Name{CommonName: names[len(names)-2]},
@@ -207,21 +247,16 @@ func newPKI(n Names) (map[string][]byte, error) {
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, &key.PublicKey, caKey)
 	if err != nil {
-		return nil, fmt.Errorf("signing the serving certificate: %w", err)
-	}
-	caKeyPEM, err := ecPEM(caKey)
-	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("signing a serving certificate: %w", err)
 	}
 	keyPEM, err := ecPEM(key)
 	if err != nil {
 		return nil, err
 	}
 	return map[string][]byte{
-		KeyCACert:  pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER}),
-		KeyCAKey:   caKeyPEM,
 		KeyTLSCert: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
 		KeyTLSKey:  keyPEM,
+		KeyCACert:  ca[KeyCACert],
 	}, nil
 }
 

@@ -13,7 +13,8 @@ import (
 	"vimg.dev/vimg/dvcr/auth"
 )
 
-var names = Names{Namespace: "vimg-system", TLSSecret: "tls", AuthSecret: "auth", CAConfigMap: "ca", Service: "vimg-dvcr"}
+var names = Names{Namespace: "vimg-system", TLSSecret: "tls", AuthSecret: "auth", CAConfigMap: "ca", Service: "vimg-dvcr",
+	UploadTLSSecret: "upload-tls", UploadService: "vimg-upload"}
 
 func TestEnsure_CreatesWorkingSecretsOnceAndNeverOverwrites(t *testing.T) {
 	ctx := context.Background()
@@ -47,6 +48,22 @@ func TestEnsure_CreatesWorkingSecretsOnceAndNeverOverwrites(t *testing.T) {
 		if _, err := cert.Verify(x509.VerifyOptions{DNSName: name, Roots: pool}); err != nil {
 			t.Errorf("serving certificate for %s: %v", name, err)
 		}
+	}
+
+	up, err := cs.CoreV1().Secrets("vimg-system").Get(ctx, "upload-tls", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	block, _ = pem.Decode(up.Data[KeyTLSCert])
+	upCert, err := x509.ParseCertificate(block.Bytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := upCert.Verify(x509.VerifyOptions{DNSName: "vimg-upload.vimg-system.svc", Roots: pool}); err != nil {
+		t.Errorf("upload gateway certificate: %v", err)
+	}
+	if _, err := upCert.Verify(x509.VerifyOptions{DNSName: "vimg-dvcr.vimg-system.svc", Roots: pool}); err == nil {
+		t.Error("the upload gateway's certificate is valid for DVCR's name too")
 	}
 
 	authSec, err := cs.CoreV1().Secrets("vimg-system").Get(ctx, "auth", metav1.GetOptions{})

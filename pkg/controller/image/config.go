@@ -28,6 +28,7 @@ const (
 	LabelImageUID       = "vimg.dev/image-uid"
 	LabelComponent      = "app.kubernetes.io/component"
 	componentImporter   = "importer"
+	componentUpload     = "upload"
 
 	AnnotationGeneration = "vimg.dev/generation"
 	AnnotationAttempt    = "vimg.dev/attempt"
@@ -58,6 +59,15 @@ type Config struct {
 	TrustedCAConfigMap string
 	// WorkerTokenTTL bounds how long an import may push with its token.
 	WorkerTokenTTL time.Duration
+	// UploadNamespace holds the upload Secrets (and nothing else: the
+	// upload gateway may read every Secret there).
+	UploadNamespace string
+	// UploadInClusterURL and UploadExternalURL are the bases of the upload
+	// URLs in status.imageUploadURLs ("https://host[:port]"); no external
+	// URL is shown when it is empty.
+	UploadInClusterURL, UploadExternalURL string
+	// UploadTimeout is how long an image waits for an upload to start.
+	UploadTimeout time.Duration
 	// MaxAttempts is how many import pods are tried after transient
 	// failures before the image is Failed.
 	MaxAttempts int
@@ -95,6 +105,12 @@ func (c *Config) setDefaults() {
 	}
 	if c.WorkerServiceAccount == "" {
 		c.WorkerServiceAccount = "vimg-worker"
+	}
+	if c.UploadNamespace == "" {
+		c.UploadNamespace = "vimg-uploads"
+	}
+	if c.UploadTimeout <= 0 {
+		c.UploadTimeout = time.Hour
 	}
 	if c.TrustedCAConfigMap == "" {
 		c.TrustedCAConfigMap = "vimg-trusted-ca"

@@ -124,6 +124,15 @@ func (r *Reconciler) buildRequest(ctx context.Context, o object, token string) (
 			}
 			req.Source.DockerConfig = cfg
 		}
+	case v1.DataSourceTypeUpload:
+		blob, err := r.uploadedBlob(ctx, o)
+		if err != nil {
+			return req, err
+		}
+		req.Source = blob
+		if src.Upload != nil {
+			req.Checksums = checksums(src.Upload.Checksum)
+		}
 	default:
 		return req, fmt.Errorf("no import pod for source type %q", src.Type)
 	}

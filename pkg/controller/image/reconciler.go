@@ -120,13 +120,10 @@ func (r *Reconciler) reconcileSource(ctx context.Context, o, st object) (ctrl.Re
 	}
 	src := o.source()
 	switch src.Type {
-	case v1.DataSourceTypeHTTP, v1.DataSourceTypeContainerImage:
+	case v1.DataSourceTypeHTTP, v1.DataSourceTypeContainerImage, v1.DataSourceTypeUpload:
 		return r.reconcileImport(ctx, o, st)
 	case v1.DataSourceTypeObjectRef:
 		return r.reconcileObjectRef(ctx, o, st, *src.Ref)
-	case v1.DataSourceTypeUpload:
-		r.setWaiting(st, reasonNotSupported, "dataSource type Upload is not supported yet")
-		return ctrl.Result{}, nil
 	}
 	r.setWaiting(st, reasonNotSupported, fmt.Sprintf("dataSource type %q is not supported", src.Type))
 	return ctrl.Result{}, nil
@@ -161,6 +158,9 @@ func (r *Reconciler) reconcileImport(ctx context.Context, o, st object) (ctrl.Re
 		return ctrl.Result{}, r.deleteWorkerObjects(ctx, o, current)
 	}
 	if len(current) == 0 {
+		if o.source().Type == v1.DataSourceTypeUpload {
+			return r.reconcileUpload(ctx, o, st)
+		}
 		return r.startImport(ctx, o, st, 1)
 	}
 	pod := &current[0]
@@ -247,7 +247,11 @@ func (r *Reconciler) importRunning(st object, pod *corev1.Pod) {
 		return
 	}
 	if p.Fraction >= 0 {
-		cs.Progress = monotonicPercent(cs.Progress, p.Fraction)
+		base := 0.0
+		if st.source().Type == v1.DataSourceTypeUpload {
+			base = uploadShare // the upload was the first part
+		}
+		cs.Progress = monotonicPercent(cs.Progress, base+(1-base)*p.Fraction)
 	}
 	if p.AvgSpeed > 0 || p.CurrentSpeed > 0 {
 		cs.DownloadSpeed = &v1.DownloadSpeed{
@@ -272,12 +276,21 @@ func (r *Reconciler) importSucceeded(ctx context.Context, o, st object, pod *cor
 		st.common().Size.Stored, st.common().Size.StoredBytes = iecSize(out.Result.StoredSize), fmt.Sprint(out.Result.StoredSize)
 	}
 	r.recorder.Eventf(o.obj(), corev1.EventTypeNormal, eventImportSucceeded, "Image imported into DVCR (%s, %s)", st.common().Format, st.common().Size.Unpacked)
+	st.common().ImageUploadURLs = nil
 	// Status first, then the pods: a crash in between leaves a Succeeded
 	// pod, which leads here again, never to a second import.
 	if err := r.writeStatus(ctx, o, st); err != nil {
 		return ctrl.Result{}, err
 	}
-	return ctrl.Result{}, r.deleteWorkerObjects(ctx, o, pods)
+	if err := r.deleteWorkerObjects(ctx, o, pods); err != nil {
+		return ctrl.Result{}, err
+	}
+	if o.source().Type == v1.DataSourceTypeUpload {
+		// The uploaded bytes are in the image's layer now; the garbage
+		// collector frees the upload blob.
+		return ctrl.Result{}, r.deleteUploadSecret(ctx, o)
+	}
+	return ctrl.Result{}, nil
 }
 
 func (r *Reconciler) importFailed(ctx context.Context, o, st object, pod *corev1.Pod, pods []corev1.Pod) (ctrl.Result, error) {
@@ -294,7 +307,11 @@ func (r *Reconciler) importFailed(ctx context.Context, o, st object, pod *corev1
 		st.setPhase(v1.ImagePhaseFailed)
 		setCondition(st, v1.ConditionReady, metav1.ConditionFalse, v1.ReasonProvisioningFailed, out.Reason+": "+msg)
 		r.recorder.Eventf(o.obj(), corev1.EventTypeWarning, eventImportFailed, "%s: %s", out.Reason, msg)
+		st.common().ImageUploadURLs = nil
 		if err := r.writeStatus(ctx, o, st); err != nil {
+			return ctrl.Result{}, err
+		}
+		if err := r.deleteUploadSecret(ctx, o); err != nil {
 			return ctrl.Result{}, err
 		}
 		return ctrl.Result{}, r.deleteWorkerObjects(ctx, o, pods)
@@ -445,6 +462,9 @@ func (r *Reconciler) finalize(ctx context.Context, o object) (ctrl.Result, error
 		return ctrl.Result{}, err
 	}
 	if err := r.deleteWorkers(ctx, o.kind(), client.ObjectKeyFromObject(o), string(o.GetUID())); err != nil {
+		return ctrl.Result{}, err
+	}
+	if err := r.deleteUploadSecret(ctx, o); err != nil {
 		return ctrl.Result{}, err
 	}
 	if err := r.cfg.Registry.Delete(ctx, ref(o)); err != nil {

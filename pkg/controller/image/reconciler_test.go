@@ -474,3 +474,103 @@ func TestClusterImage_PullSecretFromItsNamespace(t *testing.T) {
 		t.Fatalf("labels %v", l)
 	}
 }
+
+func uploadVI(name string) *v1.VirtualImage {
+	return &v1.VirtualImage{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "ns", UID: types.UID("uid-" + name), Generation: 1},
+		Spec: v1.VirtualImageSpec{DataSource: v1.VirtualImageDataSource{Type: v1.DataSourceTypeUpload,
+			Upload: &v1.DataSourceUpload{Checksum: &v1.Checksum{MD5: strings.Repeat("a", 32)}}}},
+	}
+}
+
+func (e *env) uploadSecret(name string) *corev1.Secret {
+	e.t.Helper()
+	var s corev1.Secret
+	if err := e.c.Get(context.Background(), types.NamespacedName{Namespace: "vimg-uploads", Name: "vimg-upload-uid-" + name}, &s); err != nil {
+		e.t.Fatal(err)
+	}
+	return &s
+}
+
+func TestUpload_WaitsWithURLsThenImportsTheUploadedBlob(t *testing.T) {
+	e := newEnv(t, uploadVI("up"))
+	e.vi.cfg.UploadInClusterURL, e.vi.cfg.UploadExternalURL = "https://vimg-upload.vimg-system.svc", "https://uploads.example.com"
+	res := e.reconcileVI("up")
+	st := e.getVI("up").Status
+	sec := e.uploadSecret("up")
+	token := string(sec.Data[api.UploadKeyToken])
+	if st.Phase != v1.ImagePhaseWaitForUserUpload || st.ImageUploadURLs == nil || len(token) != 64 ||
+		st.ImageUploadURLs.InCluster != "https://vimg-upload.vimg-system.svc/upload/uid-up/"+token ||
+		st.ImageUploadURLs.External != "https://uploads.example.com/upload/uid-up/"+token {
+		t.Fatalf("phase %s urls %+v token %q", st.Phase, st.ImageUploadURLs, token)
+	}
+	if string(sec.Data[api.UploadKeyRepository]) != "vi/ns/up" || string(sec.Data[api.UploadKeyDVCRToken]) != "token-for-vi/ns/up" {
+		t.Fatalf("upload secret %v", sec.Data)
+	}
+	if res.RequeueAfter != time.Hour {
+		t.Fatalf("requeue after %v, want the upload timeout", res.RequeueAfter)
+	}
+	if n := len(e.pods()); n != 0 {
+		t.Fatalf("%d pods before the upload", n)
+	}
+
+	// The gateway receives half of it, then all of it.
+	for _, u := range []api.UploadState{{Received: 50, Total: 100}, {Received: 100, Total: 100, Done: true, Digest: "sha256:" + strings.Repeat("1", 64), Size: 100}} {
+		sec := e.uploadSecret("up")
+		sec.Annotations = map[string]string{api.AnnotationUploadState: u.Encode()}
+		if err := e.c.Update(context.Background(), sec); err != nil {
+			t.Fatal(err)
+		}
+		e.reconcileVI("up")
+		if !u.Done {
+			if st := e.getVI("up").Status; st.Phase != v1.ImagePhaseProvisioning || st.Progress != "25.0%" {
+				t.Fatalf("while receiving: phase %s progress %s, want Provisioning 25.0%% (the upload is the first half)", st.Phase, st.Progress)
+			}
+		}
+	}
+	pods := e.pods()
+	if len(pods) != 1 {
+		t.Fatalf("%d import pods after the upload, want 1", len(pods))
+	}
+	var s corev1.Secret
+	if err := e.c.Get(context.Background(), types.NamespacedName{Namespace: "vimg-system", Name: "vimg-import-uid-up"}, &s); err != nil {
+		t.Fatal(err)
+	}
+	var req api.Request
+	if err := json.Unmarshal(s.Data[api.RequestFile], &req); err != nil {
+		t.Fatal(err)
+	}
+	if req.Source.Type != api.SourceDVCRBlob || req.Source.URL != "sha256:"+strings.Repeat("1", 64) || req.Source.Size != 100 ||
+		len(req.Checksums) != 1 || req.Checksums[0] != "md5:"+strings.Repeat("a", 32) {
+		t.Fatalf("import request %+v", req)
+	}
+
+	// The import finishes: Ready, URLs gone, the upload Secret deleted.
+	e.reg.images["vi/ns/up:uid-up"] = layout.Meta{Format: "raw", VirtualSize: 100, StoredSize: 100}
+	p := pods[0]
+	e.updatePod(&p, func(p *corev1.Pod) { terminated(p, corev1.PodSucceeded, api.Outcome{Result: &api.Result{}}, e.now) })
+	e.reconcileVI("up")
+	if st := e.getVI("up").Status; st.Phase != v1.ImagePhaseReady || st.ImageUploadURLs != nil {
+		t.Fatalf("after the import: phase %s urls %+v", st.Phase, st.ImageUploadURLs)
+	}
+	err := e.c.Get(context.Background(), types.NamespacedName{Namespace: "vimg-uploads", Name: "vimg-upload-uid-up"}, &corev1.Secret{})
+	if !apierrors.IsNotFound(err) {
+		t.Fatalf("upload secret after Ready: %v", err)
+	}
+}
+
+func TestUpload_NoUploadInTimeIsFailedWithItsOwnReason(t *testing.T) {
+	e := newEnv(t, uploadVI("up"))
+	e.reconcileVI("up")
+	e.now = e.now.Add(time.Hour + time.Second)
+	e.reconcileVI("up")
+	st := e.getVI("up").Status
+	c := condition(st.ImageStatus, v1.ConditionReady)
+	if st.Phase != v1.ImagePhaseFailed || c.Reason != v1.ReasonWaitForUserUploadTimeout || !strings.Contains(c.Message, "re-create") || st.ImageUploadURLs != nil {
+		t.Fatalf("phase %s condition %+v urls %+v", st.Phase, c, st.ImageUploadURLs)
+	}
+	err := e.c.Get(context.Background(), types.NamespacedName{Namespace: "vimg-uploads", Name: "vimg-upload-uid-up"}, &corev1.Secret{})
+	if !apierrors.IsNotFound(err) {
+		t.Fatalf("upload secret after the timeout: %v", err)
+	}
+}

@@ -46,7 +46,8 @@ func refIndexer(o client.Object) []string {
 
 // SetupWithManager registers both image controllers, the index they share
 // and their watches: the images themselves, their import pods (in the
-// controller's namespace, found by label), and the images they copy.
+// controller's namespace, found by label), their upload Secrets, and the
+// images they copy.
 func SetupWithManager(mgr ctrl.Manager, vi, cvi *Reconciler) error {
 	idx := mgr.GetFieldIndexer()
 	if err := idx.IndexField(context.Background(), &v1.VirtualImage{}, indexObjectRef, refIndexer); err != nil {
@@ -59,7 +60,11 @@ func SetupWithManager(mgr ctrl.Manager, vi, cvi *Reconciler) error {
 	importPods := predicate.NewPredicateFuncs(func(o client.Object) bool {
 		return o.GetNamespace() == ns && o.GetLabels()[LabelComponent] == componentImporter
 	})
-	podToImage := func(kind string) handler.EventHandler {
+	uploads := predicate.NewPredicateFuncs(func(o client.Object) bool {
+		return o.GetNamespace() == vi.cfg.UploadNamespace && o.GetLabels()[LabelComponent] == componentUpload
+	})
+	// Import pods and upload Secrets carry the labels of their image.
+	toImage := func(kind string) handler.EventHandler {
 		return handler.EnqueueRequestsFromMapFunc(func(_ context.Context, o client.Object) []reconcile.Request {
 			l := o.GetLabels()
 			if l[LabelImageKind] != kind {
@@ -91,7 +96,8 @@ func SetupWithManager(mgr ctrl.Manager, vi, cvi *Reconciler) error {
 	cviList := func() client.ObjectList { return &v1.ClusterVirtualImageList{} }
 	if err := ctrl.NewControllerManagedBy(mgr).Named("virtualimage").
 		For(&v1.VirtualImage{}).
-		Watches(&corev1.Pod{}, podToImage(layout.KindVirtualImage), builder.WithPredicates(importPods)).
+		Watches(&corev1.Pod{}, toImage(layout.KindVirtualImage), builder.WithPredicates(importPods)).
+		Watches(&corev1.Secret{}, toImage(layout.KindVirtualImage), builder.WithPredicates(uploads)).
 		Watches(&v1.VirtualImage{}, dependents(viList, v1.ObjectRefKindVirtualImage)).
 		Watches(&v1.ClusterVirtualImage{}, dependents(viList, v1.ObjectRefKindClusterVirtualImage)).
 		Complete(vi); err != nil {
@@ -99,7 +105,8 @@ func SetupWithManager(mgr ctrl.Manager, vi, cvi *Reconciler) error {
 	}
 	return ctrl.NewControllerManagedBy(mgr).Named("clustervirtualimage").
 		For(&v1.ClusterVirtualImage{}).
-		Watches(&corev1.Pod{}, podToImage(layout.KindClusterVirtualImage), builder.WithPredicates(importPods)).
+		Watches(&corev1.Pod{}, toImage(layout.KindClusterVirtualImage), builder.WithPredicates(importPods)).
+		Watches(&corev1.Secret{}, toImage(layout.KindClusterVirtualImage), builder.WithPredicates(uploads)).
 		Watches(&v1.VirtualImage{}, dependents(cviList, v1.ObjectRefKindVirtualImage)).
 		Watches(&v1.ClusterVirtualImage{}, dependents(cviList, v1.ObjectRefKindClusterVirtualImage)).
 		Complete(cvi)

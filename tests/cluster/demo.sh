@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The main job, end to end, on the local cluster: vimg deployed the way an
+# installation is, a disk image made with qemu-img served over HTTP from
+# this machine and imported into DVCR as a VirtualImage, a Debian ISO as a
+# ClusterVirtualImage, and a copy of it made inside DVCR.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+
+"$HERE/deploy.sh"
+
+DEMO=$LAB/demo
+mkdir -p "$DEMO/www"
+if [ ! -f "$DEMO/www/cirros-like.qcow2" ]; then
+	log "making a 256 MiB qcow2 with qemu-img (some data, mostly holes)"
+	qemu-img create -q -f qcow2 "$DEMO/www/cirros-like.qcow2" 256M
+	qemu-io -q -f qcow2 -c 'write -P 0x5a 0 8M' -c 'write -P 0xa5 128M 4M' "$DEMO/www/cirros-like.qcow2"
+	xz -T2 -k -c "$DEMO/www/cirros-like.qcow2" >"$DEMO/www/cirros-like.qcow2.xz"
+	cp /usr/lib/grub-rescue/grub-rescue-cdrom.iso "$DEMO/www/rescue.iso"
+fi
+# A plain HTTP server on the node's bridge address, where pods reach it.
+if ! is_running demo-httpd; then
+	start demo-httpd busybox httpd -f -p "$NODE_IP:8099" -h "$DEMO/www"
+fi
+base=http://$NODE_IP:8099
+kubectl_lab create namespace vimg-demo --dry-run=client -o yaml | kubectl_lab apply -f - >/dev/null
+kubectl_lab apply -f - <<YAML
+apiVersion: virtualization.deckhouse.io/v1alpha2
+kind: VirtualImage
+metadata:
+  name: cirros-like
+  namespace: vimg-demo
+spec:
+  storage: ContainerRegistry
+  dataSource:
+    type: HTTP
+    http:
+      url: $base/cirros-like.qcow2.xz
+---
+apiVersion: virtualization.deckhouse.io/v1alpha2
+kind: ClusterVirtualImage
+metadata:
+  name: rescue-iso
+spec:
+  dataSource:
+    type: HTTP
+    http:
+      url: $base/rescue.iso
+---
+apiVersion: virtualization.deckhouse.io/v1alpha2
+kind: VirtualImage
+metadata:
+  name: rescue-iso-copy
+  namespace: vimg-demo
+spec:
+  storage: ContainerRegistry
+  dataSource:
+    type: ObjectRef
+    objectRef:
+      kind: ClusterVirtualImage
+      name: rescue-iso
+YAML
+for i in $(seq 1 120); do
+	phases=$(kubectl_lab get vi -n vimg-demo -o jsonpath='{.items[*].status.phase}'; echo -n ' '; kubectl_lab get cvi rescue-iso -o jsonpath='{.status.phase}')
+	case "$phases" in *Failed*) break ;; esac
+	[ "$(echo "$phases" | tr ' ' '\n' | grep -c '^Ready$')" = 3 ] && break
+	sleep 1
+done
+echo
+echo "== kubectl get vi,cvi -o wide (tests/cluster/kubectl talks to the cluster; make cluster-down stops it)"
+kubectl_lab get vi -n vimg-demo -o wide
+echo
+kubectl_lab get cvi -o wide
+echo
+kubectl_lab get vi -n vimg-demo cirros-like -o jsonpath='{.status}' | head -c 2000; echo
+case "$phases" in *Failed*) die "an image failed" ;; esac

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Deploys vimg into the local cluster, the way an installation does it:
+# our one image (vimg, dvcr, vimg-controller) is built here and imported
+# into the node's containerd, then `kubectl apply -k deploy` runs with the
+# image tag set to the content hash of the binaries, so a changed build
+# always rolls out and an unchanged one is a no-op.
+#
+#   tests/cluster/deploy.sh          build, load, apply, wait until ready
+#   tests/cluster/deploy.sh delete   delete every image, then everything applied
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+
+IMAGE=localhost/vimg/vimg
+OVERLAY=$LAB/deploy
+
+cluster_up || die "the cluster is not up: run make cluster-up"
+
+if [ "${1:-}" = delete ]; then
+	if kubectl_lab get crd virtualimages.virtualization.deckhouse.io >/dev/null 2>&1; then
+		# Images first, while the controller still runs to release their
+		# finalizers (and delete their data).
+		kubectl_lab delete vi --all -A --wait=true --timeout=120s || true
+		kubectl_lab delete cvi --all --wait=true --timeout=120s || true
+	fi
+	if [ -d "$OVERLAY" ]; then
+		kubectl_lab delete -k "$OVERLAY" --ignore-not-found --wait=true --timeout=180s
+	else
+		kubectl_lab delete -k "$REPO/deploy" --ignore-not-found --wait=true --timeout=180s
+	fi
+	log "vimg removed from the cluster"
+	exit 0
+fi
+
+cd "$REPO"
+make --no-print-directory build >&2
+mkdir -p "$IMAGES" "$OVERLAY"
+tag=$(cat bin/vimg bin/dvcr bin/vimg-controller | sha256sum | cut -c1-16)
+# The worker fetches HTTPS sources, so the image carries the CA roots.
+"$BIN/imgtool" -ref "$IMAGE:$tag" -out "$IMAGES/vimg.tar" -user 65532:65532 \
+	-file bin/vimg:/usr/bin/vimg -file bin/dvcr:/usr/bin/dvcr -file bin/vimg-controller:/usr/bin/vimg-controller \
+	-file /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt -entrypoint /usr/bin/vimg
+ctr --address "$CTR_SOCK" -n k8s.io images import "$IMAGES/vimg.tar" >/dev/null
+log "loaded $IMAGE:$tag"
+
+# kustomize takes bases by relative path only.
+base=$(realpath --relative-to="$OVERLAY" "$REPO/deploy")
+cat >"$OVERLAY/kustomization.yaml" <<YAML
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources:
+- $base
+images:
+- name: $IMAGE
+  newTag: "$tag"
+YAML
+kubectl_lab apply -k "$OVERLAY" >&2
+kubectl_lab -n vimg-system rollout status deploy/vimg-controller --timeout=180s >&2
+kubectl_lab -n vimg-system rollout status deploy/vimg-dvcr --timeout=180s >&2
+log "vimg is deployed (image $IMAGE:$tag)"
