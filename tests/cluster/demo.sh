@@ -13,7 +13,7 @@ mkdir -p "$DEMO/www"
 if [ ! -f "$DEMO/www/cirros-like.qcow2" ]; then
 	log "making a 256 MiB qcow2 with qemu-img (some data, mostly holes)"
 	qemu-img create -q -f qcow2 "$DEMO/www/cirros-like.qcow2" 256M
-	qemu-io -q -f qcow2 -c 'write -P 0x5a 0 8M' -c 'write -P 0xa5 128M 4M' "$DEMO/www/cirros-like.qcow2"
+	qemu-io -f qcow2 -c 'write -P 0x5a 0 8M' -c 'write -P 0xa5 128M 4M' "$DEMO/www/cirros-like.qcow2" >/dev/null
 	xz -T2 -k -c "$DEMO/www/cirros-like.qcow2" >"$DEMO/www/cirros-like.qcow2.xz"
 	cp /usr/lib/grub-rescue/grub-rescue-cdrom.iso "$DEMO/www/rescue.iso"
 fi
