@@ -437,3 +437,64 @@ func TestKubectlExplain_DescribesTheSchema(t *testing.T) {
 		})
 	}
 }
+
+// TestSpec_FrozenOnceReady: before Ready a spec edit is accepted (the
+// controller starts over); once Ready, a VirtualImage's dataSource and
+// storage and any part of a ClusterVirtualImage's spec are refused with a
+// message that says what to do instead.
+func TestSpec_FrozenOnceReady(t *testing.T) {
+	ns := newNamespace(t, "frozen")
+	vi := []byte(`apiVersion: virtualization.deckhouse.io/v1alpha2
+kind: VirtualImage
+metadata:
+  name: frozen
+spec:
+  dataSource:
+    type: HTTP
+    http:
+      url: https://images.example/a.qcow2
+`)
+	cvi := []byte(`apiVersion: virtualization.deckhouse.io/v1alpha2
+kind: ClusterVirtualImage
+metadata:
+  name: frozen-` + ns + `
+spec:
+  dataSource:
+    type: HTTP
+    http:
+      url: https://images.example/a.qcow2
+`)
+	for _, m := range [][]byte{vi, cvi} {
+		if _, err := kubectl(t, m, "apply", "-n", ns, "-f", "-"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Cleanup(func() { _, _ = kubectl(t, nil, "delete", "cvi", "frozen-"+ns, "--ignore-not-found") })
+	edit := func(kind, name, url string) error {
+		patch := `{"spec":{"dataSource":{"http":{"url":"` + url + `"}}}}`
+		_, err := kubectl(t, nil, "patch", kind, name, "-n", ns, "--type=merge", "-p", patch)
+		return err
+	}
+	for _, kind := range []string{"vi", "cvi"} {
+		name := "frozen"
+		if kind == "cvi" {
+			name = "frozen-" + ns
+		}
+		if err := edit(kind, name, "https://images.example/b.qcow2"); err != nil {
+			t.Fatalf("%s: an edit before Ready was refused: %v", kind, err)
+		}
+		gvr := viGVR
+		if kind == "cvi" {
+			gvr = cviGVR
+		}
+		setStatus(t, gvr, map[string]string{"vi": ns, "cvi": ""}[kind], name, map[string]any{"phase": "Ready", "cdrom": false})
+		err := edit(kind, name, "https://images.example/c.qcow2")
+		if err == nil || !strings.Contains(err.Error(), "the image is Ready") || !strings.Contains(err.Error(), "create a new image instead") {
+			t.Fatalf("%s: an edit of a Ready image: %v, want it refused with the reason", kind, err)
+		}
+		// Labels and annotations stay editable.
+		if _, err := kubectl(t, nil, "label", kind, name, "-n", ns, "team=a"); err != nil {
+			t.Fatalf("%s: labelling a Ready image: %v", kind, err)
+		}
+	}
+}

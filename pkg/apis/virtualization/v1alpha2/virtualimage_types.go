@@ -22,6 +22,7 @@ import (
 // +kubebuilder:printcolumn:name="Age",type=date,JSONPath=`.metadata.creationTimestamp`
 // +kubebuilder:validation:XValidation:rule="self.metadata.name.size() <= 63",message="the name must be at most 63 characters: it becomes part of labels and registry paths"
 // +kubebuilder:validation:XValidation:rule="self.spec.storage == 'PersistentVolumeClaim' || !has(self.spec.persistentVolumeClaim) || !has(self.spec.persistentVolumeClaim.storageClassName)",message="spec.persistentVolumeClaim.storageClassName applies only to storage: PersistentVolumeClaim"
+// +kubebuilder:validation:XValidation:rule="!has(oldSelf.status) || !has(oldSelf.status.phase) || oldSelf.status.phase != 'Ready' || (self.spec.dataSource == oldSelf.spec.dataSource && self.spec.storage == oldSelf.spec.storage && has(self.spec.persistentVolumeClaim) == has(oldSelf.spec.persistentVolumeClaim) && (!has(self.spec.persistentVolumeClaim) || self.spec.persistentVolumeClaim == oldSelf.spec.persistentVolumeClaim))",message="the image is Ready: its dataSource, storage and storage class can no longer change; create a new image instead"
 type VirtualImage struct {
 	metav1.TypeMeta   `json:",inline"`
 	metav1.ObjectMeta `json:"metadata,omitempty"`
