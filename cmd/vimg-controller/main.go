@@ -7,7 +7,9 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"net/url"
 	"os"
+	"strings"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -87,6 +89,12 @@ func run() error {
 	flag.StringVar(&o.metricsAddr, "metrics-bind-address", ":8080", "address of the metrics endpoint (0 turns it off)")
 	flag.StringVar(&o.probeAddr, "health-probe-bind-address", ":8081", "address of /healthz and /readyz")
 	flag.Parse()
+	if o.uploadExternalURL != "" {
+		if u, err := url.Parse(o.uploadExternalURL); err != nil || u.Scheme != "https" || u.Host == "" || (u.Path != "" && u.Path != "/") {
+			return fmt.Errorf("--upload-external-url %q: want https://host[:port]", o.uploadExternalURL)
+		}
+		o.uploadExternalURL = strings.TrimSuffix(o.uploadExternalURL, "/")
+	}
 	if o.dvcrAddress == "" {
 		o.dvcrAddress = o.dvcrService + "." + o.namespace + ".svc:443"
 	}
@@ -113,6 +121,7 @@ func run() error {
 		Namespace: o.namespace, TLSSecret: o.tlsSecret, AuthSecret: o.authSecret,
 		CAConfigMap: o.caConfigMap, Service: o.dvcrService,
 		UploadTLSSecret: "vimg-upload-tls", UploadService: "vimg-upload",
+		UploadExtraNames: hostOf(o.uploadExternalURL),
 	})
 	if err != nil {
 		return err
@@ -188,6 +197,20 @@ func workerResources(o options) (corev1.ResourceRequirements, error) {
 	r.Requests = corev1.ResourceList{corev1.ResourceCPU: q["cpu"], corev1.ResourceMemory: q["memory"]}
 	r.Limits = corev1.ResourceList{corev1.ResourceMemory: q["limit"]}
 	return r, nil
+}
+
+// hostOf returns the host of an external upload URL, which the gateway's
+// certificate must cover (when the URL reaches the gateway itself rather
+// than a TLS-terminating Ingress).
+func hostOf(raw string) []string {
+	if raw == "" {
+		return nil
+	}
+	u, err := url.Parse(raw)
+	if err != nil || u.Hostname() == "" {
+		return nil
+	}
+	return []string{u.Hostname()}
 }
 
 // ownImage is the image of the controller's own container: import pods run

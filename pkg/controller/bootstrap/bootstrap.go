@@ -23,6 +23,7 @@ import (
 	"errors"
 	"fmt"
 	"math/big"
+	"net"
 	"time"
 
 	"golang.org/x/crypto/bcrypt"
@@ -61,8 +62,11 @@ type Names struct {
 	// Service is DVCR's Service name; the certificate covers its DNS names.
 	Service string
 	// UploadTLSSecret holds tls.crt and tls.key of the upload gateway,
-	// signed by the same CA, for UploadService's DNS names. Empty: none.
+	// signed by the same CA, for UploadService's DNS names and
+	// UploadExtraNames (the host of the external upload URL: a DNS name or
+	// an IP address). Empty: none.
 	UploadTLSSecret, UploadService string
+	UploadExtraNames               []string
 }
 
 // DVCR is what the controller needs to talk to the registry.
@@ -103,7 +107,7 @@ func Ensure(ctx context.Context, cs kubernetes.Interface, n Names) (DVCR, error)
 	}
 	if n.UploadTLSSecret != "" {
 		_, err := ensureSecret(ctx, cs, n.Namespace, n.UploadTLSSecret, corev1.SecretTypeTLS, func() (map[string][]byte, error) {
-			return issue(tlsSec.Data, serviceDNSNames(n.UploadService, n.Namespace))
+			return issue(tlsSec.Data, append(serviceDNSNames(n.UploadService, n.Namespace), n.UploadExtraNames...))
 		})
 		if err != nil {
 			return DVCR{}, err
@@ -215,8 +219,9 @@ func newPKI(n Names) (map[string][]byte, error) {
 	return ca, nil
 }
 
-// issue signs a serving certificate for names with the CA in ca (ca.crt and
-// ca.key); the result holds tls.crt, tls.key and ca.crt.
+// issue signs a serving certificate for names (DNS names or IP addresses;
+// the first four are a Service's) with the CA in ca (ca.crt and ca.key);
+// the result holds tls.crt, tls.key and ca.crt.
 func issue(ca map[string][]byte, names []string) (map[string][]byte, error) {
 	cb, _ := pem.Decode(ca[KeyCACert])
 	kb, _ := pem.Decode(ca[KeyCAKey])
@@ -236,10 +241,20 @@ func issue(ca map[string][]byte, names []string) (map[string][]byte, error) {
 		return nil, fmt.Errorf("generating a serving key: %w", err)
 	}
 	now := time.Now()
+	var dns []string
+	var ips []net.IP
+	for _, n := range names {
+		if ip := net.ParseIP(n); ip != nil {
+			ips = append(ips, ip)
+		} else {
+			dns = append(dns, n)
+		}
+	}
 	tmpl := &x509.Certificate{
 		SerialNumber: serial(),
-		Subject:      pkix.Name{CommonName: names[len(names)-2]},
-		DNSNames:     names,
+		Subject:      pkix.Name{CommonName: dns[len(dns)-2]},
+		DNSNames:     dns,
+		IPAddresses:  ips,
 		NotBefore:    now.Add(-time.Hour),
 		NotAfter:     now.Add(certValidity),
 		KeyUsage:     x509.KeyUsageDigitalSignature,

@@ -14,7 +14,7 @@ import (
 )
 
 var names = Names{Namespace: "vimg-system", TLSSecret: "tls", AuthSecret: "auth", CAConfigMap: "ca", Service: "vimg-dvcr",
-	UploadTLSSecret: "upload-tls", UploadService: "vimg-upload"}
+	UploadTLSSecret: "upload-tls", UploadService: "vimg-upload", UploadExtraNames: []string{"10.244.0.1", "uploads.example.com"}}
 
 func TestEnsure_CreatesWorkingSecretsOnceAndNeverOverwrites(t *testing.T) {
 	ctx := context.Background()
@@ -59,8 +59,10 @@ func TestEnsure_CreatesWorkingSecretsOnceAndNeverOverwrites(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := upCert.Verify(x509.VerifyOptions{DNSName: "vimg-upload.vimg-system.svc", Roots: pool}); err != nil {
-		t.Errorf("upload gateway certificate: %v", err)
+	for _, name := range []string{"vimg-upload.vimg-system.svc", "10.244.0.1", "uploads.example.com"} {
+		if _, err := upCert.Verify(x509.VerifyOptions{DNSName: name, Roots: pool}); err != nil {
+			t.Errorf("upload gateway certificate for %s: %v", name, err)
+		}
 	}
 	if _, err := upCert.Verify(x509.VerifyOptions{DNSName: "vimg-dvcr.vimg-system.svc", Roots: pool}); err == nil {
 		t.Error("the upload gateway's certificate is valid for DVCR's name too")
