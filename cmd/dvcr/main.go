@@ -31,7 +31,6 @@ import (
 	"os"
 	"os/signal"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
@@ -42,6 +41,7 @@ import (
 	"vimg.dev/vimg/dvcr/auth"
 	"vimg.dev/vimg/dvcr/gc"
 	"vimg.dev/vimg/dvcr/server"
+	"vimg.dev/vimg/pkg/certfile"
 )
 
 type options struct {
@@ -134,11 +134,11 @@ func run(o options) error {
 		if o.tlsCert == "" || o.tlsKey == "" {
 			return errors.New("--tls-cert-file and --tls-key-file are required (or --insecure-http to serve plain HTTP)")
 		}
-		kp := &keyPair{certFile: o.tlsCert, keyFile: o.tlsKey}
-		if _, err := kp.load(); err != nil {
+		kp, err := certfile.Load(o.tlsCert, o.tlsKey)
+		if err != nil {
 			return err
 		}
-		hs.TLSConfig = &tls.Config{MinVersion: tls.VersionTLS12, GetCertificate: kp.getCertificate}
+		hs.TLSConfig = &tls.Config{MinVersion: tls.VersionTLS12, GetCertificate: kp.GetCertificate}
 	} else if o.tlsCert != "" || o.tlsKey != "" {
 		return errors.New("--insecure-http and TLS files are mutually exclusive")
 	}
@@ -291,54 +291,4 @@ func readSecret(path string) (string, error) {
 		return "", fmt.Errorf("secret file %s is empty", path)
 	}
 	return s, nil
-}
-
-// keyPair serves the certificate from files and re-reads them when they
-// change, so that a renewed certificate (cert-manager, a rotated Secret) is
-// picked up without a restart.
-type keyPair struct {
-	certFile, keyFile string
-
-	mu      sync.Mutex
-	cert    *tls.Certificate
-	modTime time.Time
-	checked time.Time
-}
-
-func (k *keyPair) load() (*tls.Certificate, error) {
-	c, err := tls.LoadX509KeyPair(k.certFile, k.keyFile)
-	if err != nil {
-		return nil, fmt.Errorf("loading TLS key pair: %w", err)
-	}
-	return &c, nil
-}
-
-func (k *keyPair) getCertificate(*tls.ClientHelloInfo) (*tls.Certificate, error) {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	now := time.Now()
-	// A stat per handshake is cheap, but once every few seconds is enough.
-	if k.cert != nil && now.Sub(k.checked) < 10*time.Second {
-		return k.cert, nil
-	}
-	k.checked = now
-	fi, err := os.Stat(k.certFile)
-	if err == nil && k.cert != nil && fi.ModTime().Equal(k.modTime) {
-		return k.cert, nil
-	}
-	c, lerr := k.load()
-	if lerr != nil {
-		if k.cert != nil {
-			// Half-written files during a rotation: keep serving the old
-			// certificate and try again on a later handshake.
-			klog.Background().Error(lerr, "Reloading TLS certificate; keeping the previous one")
-			return k.cert, nil
-		}
-		return nil, lerr
-	}
-	k.cert = c
-	if err == nil {
-		k.modTime = fi.ModTime()
-	}
-	return k.cert, nil
 }
