@@ -80,7 +80,7 @@ func run(ctx context.Context, cfg Config) api.Outcome {
 	if err != nil {
 		return api.Outcome{Reason: importer.ReasonInternal, Message: err.Error(), Permanent: true}
 	}
-	src, err := openSource(ctx, req.Source)
+	src, err := openSource(ctx, req.Source, dvcr, req.DVCR.Ref)
 	if err != nil {
 		return failure(err)
 	}
@@ -130,8 +130,12 @@ func readRequest(path string) (api.Request, error) {
 	return r, nil
 }
 
-func openSource(ctx context.Context, s api.SourceSpec) (source.Source, error) {
+// openSource opens the request's source; dvcr and ref (the image's DVCR
+// reference) serve an upload, which is a blob of the image's repository.
+func openSource(ctx context.Context, s api.SourceSpec, dvcr *client.Client, ref string) (source.Source, error) {
 	switch s.Type {
+	case api.SourceDVCRBlob:
+		return openBlob(ctx, s, dvcr, ref)
 	case api.SourceHTTP:
 		h := http.Header{}
 		for k, v := range s.Headers {

@@ -138,19 +138,24 @@ func (b *progressBar) update(p diskimage.Progress) {
 	rate := float64(p.SourceRead) / max(elapsed, 0.001)
 	line := fmt.Sprintf("%s read", humanBytes(p.SourceRead))
 	if p.Fraction >= 0 {
-		frac := p.Fraction
-		const width = 30
-		filled := int(frac * width)
-		bar := make([]byte, width)
-		for i := range bar {
-			bar[i] = ' '
-			if i < filled {
-				bar[i] = '#'
-			}
-		}
-		line = fmt.Sprintf("[%s] %5.1f%% %s read", bar, frac*100, humanBytes(p.SourceRead))
+		line = fmt.Sprintf("%s %s read", renderBar(p.Fraction), humanBytes(p.SourceRead))
 	}
 	fmt.Fprintf(b.w, "\r%s  %s/s  %s written\x1b[K", line, humanBytes(int64(rate)), humanBytes(p.Written))
+}
+
+// renderBar draws "[#####     ]  42.1%" for a fraction 0..1.
+func renderBar(frac float64) string {
+	const width = 30
+	frac = min(max(frac, 0), 1)
+	filled := int(frac * width)
+	bar := make([]byte, width)
+	for i := range bar {
+		bar[i] = ' '
+		if i < filled {
+			bar[i] = '#'
+		}
+	}
+	return fmt.Sprintf("[%s] %5.1f%%", bar, frac*100)
 }
 
 func (b *progressBar) done() { fmt.Fprintln(b.w) }

@@ -18,6 +18,6 @@ func NewRootCommand(out, errOut io.Writer) *cobra.Command {
 	}
 	root.SetOut(out)
 	root.SetErr(errOut)
-	root.AddCommand(newVersionCommand(), newInfoCommand(), newConvertCommand(), newWorkerCommand())
+	root.AddCommand(newVersionCommand(), newInfoCommand(), newConvertCommand(), newUploadCommand(), newWorkerCommand())
 	return root
 }

@@ -52,5 +52,6 @@ func newWorkerCommand() *cobra.Command {
 	}
 	imp.Flags().StringVar(&request, "request", api.RequestDir+"/"+api.RequestFile, "the import request file")
 	cmd.AddCommand(imp)
+	cmd.AddCommand(newUploadGatewayCommand())
 	return cmd
 }
