@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job, end to end, on the local cluster: vimg deployed the way an
 # installation is, a disk image made with qemu-img served over HTTP from
-# this machine and imported into DVCR as a VirtualImage, a Debian ISO as a
-# ClusterVirtualImage, and a copy of it made inside DVCR.
+# this machine and imported into DVCR as a VirtualImage, a Debian ISO
+# uploaded with `vimg upload` as a ClusterVirtualImage, and a copy of it
+# made inside DVCR.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -37,16 +38,6 @@ spec:
       url: $base/cirros-like.qcow2.xz
 ---
 apiVersion: virtualization.deckhouse.io/v1alpha2
-kind: ClusterVirtualImage
-metadata:
-  name: rescue-iso
-spec:
-  dataSource:
-    type: HTTP
-    http:
-      url: $base/rescue.iso
----
-apiVersion: virtualization.deckhouse.io/v1alpha2
 kind: VirtualImage
 metadata:
   name: rescue-iso-copy
@@ -59,6 +50,13 @@ spec:
       kind: ClusterVirtualImage
       name: rescue-iso
 YAML
+# The ISO by upload, through the gateway's external URL (a NodePort here),
+# trusting the CA the controller made.
+kubectl_lab -n vimg-system get configmap vimg-dvcr-ca -o jsonpath='{.data.ca\.crt}' >"$DEMO/ca.crt"
+if [ "$(kubectl_lab get cvi rescue-iso -o jsonpath='{.status.phase}' 2>/dev/null)" != Ready ]; then
+	"$REPO/bin/vimg" upload --create --cluster --kubeconfig "$ADMIN_KUBECONFIG" --cacert "$DEMO/ca.crt" \
+		rescue-iso "$DEMO/www/rescue.iso"
+fi
 for i in $(seq 1 120); do
 	phases=$(kubectl_lab get vi -n vimg-demo -o jsonpath='{.items[*].status.phase}'; echo -n ' '; kubectl_lab get cvi rescue-iso -o jsonpath='{.status.phase}')
 	case "$phases" in *Failed*) break ;; esac

@@ -12,6 +12,7 @@ source "$(dirname "$0")/lib.sh"
 
 IMAGE=localhost/vimg/vimg
 OVERLAY=$LAB/deploy
+UPLOAD_NODE_PORT=30443
 
 cluster_up || die "the cluster is not up: run make cluster-up"
 
@@ -52,8 +53,20 @@ resources:
 images:
 - name: $IMAGE
   newTag: "$tag"
+# The upload gateway is reached from this machine (vimg upload, the demo) on
+# a NodePort of the node's address, which the controller publishes as the
+# external upload URL (and puts in the gateway's certificate).
+patches:
+- target: {kind: Service, name: vimg-upload}
+  patch: |-
+    - {op: add, path: /spec/type, value: NodePort}
+    - {op: add, path: /spec/ports/0/nodePort, value: $UPLOAD_NODE_PORT}
+- target: {kind: Deployment, name: vimg-controller}
+  patch: |-
+    - {op: add, path: /spec/template/spec/containers/0/args/-, value: "--upload-external-url=https://$NODE_IP:$UPLOAD_NODE_PORT"}
 YAML
 kubectl_lab apply -k "$OVERLAY" >&2
 kubectl_lab -n vimg-system rollout status deploy/vimg-controller --timeout=180s >&2
 kubectl_lab -n vimg-system rollout status deploy/vimg-dvcr --timeout=180s >&2
+kubectl_lab -n vimg-system rollout status deploy/vimg-upload --timeout=180s >&2
 log "vimg is deployed (image $IMAGE:$tag)"

@@ -99,13 +99,13 @@ func TestSeeds_ContainerRegistryExamplesWorkAsDocumented(t *testing.T) {
 				if err := yaml.Unmarshal([]byte(doc), &vi); err != nil {
 					t.Fatal(err)
 				}
-				checkSeed(fs[i], &vi)
+				checkSeed(fs[i], &vi, qcow)
 			}
 		})
 	}
 }
 
-func checkSeed(f *framework.Framework, vi *v1.VirtualImage) {
+func checkSeed(f *framework.Framework, vi *v1.VirtualImage, disk string) {
 	t := f.T
 	ds := vi.Spec.DataSource
 	switch {
@@ -123,25 +123,19 @@ func checkSeed(f *framework.Framework, vi *v1.VirtualImage) {
 		})
 		t.Logf("%s (ObjectRef %s): Pending: %s", vi.Name, ds.ObjectRef.Kind, datasourceMessage(st))
 	case ds.Type == v1.DataSourceTypeUpload:
-		st := waitAnyPhase(f, vi.Name, v1.ImagePhaseWaitForUserUpload, v1.ImagePhasePending)
-		t.Logf("%s (Upload): %s: %s", vi.Name, st.Phase, datasourceMessage(st))
+		// As the docs do it: curl URL --progress-bar -T cirros.img | cat,
+		// to the external URL (a NodePort of the node here, whose
+		// certificate the controller's CA signed).
+		st := waitPhase(f, "vi", vi.Name, v1.ImagePhaseWaitForUserUpload, time.Minute)
+		_, caFile, _ := gateway(f)
+		if _, err := curl(t, nil, st.ImageUploadURLs.External, "--progress-bar", "--fail", "--cacert", caFile, "-T", disk); err != nil {
+			t.Fatal(err)
+		}
+		st = waitPhase(f, "vi", vi.Name, v1.ImagePhaseReady, 3*time.Minute)
+		t.Logf("%s (Upload): WaitForUserUpload, then after curl -T: %s, %s, %s", vi.Name, st.Phase, st.Format, st.Size.Unpacked)
 	default:
 		t.Errorf("%s: no expectation for data source %s", vi.Name, ds.Type)
 	}
-}
-
-func waitAnyPhase(f *framework.Framework, name string, phases ...v1.ImagePhase) v1.VirtualImageStatus {
-	var st v1.VirtualImageStatus
-	f.WaitFor(name+" to settle", time.Minute, func(context.Context) (bool, error) {
-		st, _ = imageStatus(f, "vi", name)
-		for _, p := range phases {
-			if st.Phase == p {
-				return true, nil
-			}
-		}
-		return false, nil
-	})
-	return st
 }
 
 func datasourceMessage(st v1.VirtualImageStatus) string {
