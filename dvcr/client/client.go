@@ -79,28 +79,10 @@ func New(registry string, opts Options) (*Client, error) {
 	}
 	rt := opts.Transport
 	if rt == nil {
-		tlsConf := &tls.Config{InsecureSkipVerify: opts.InsecureSkipVerify, MinVersion: tls.VersionTLS12}
-		if len(opts.CABundle) > 0 {
-			pool, err := x509.SystemCertPool()
-			if err != nil || pool == nil {
-				pool = x509.NewCertPool()
-			}
-			if !pool.AppendCertsFromPEM(opts.CABundle) {
-				return nil, errors.New("CA bundle holds no PEM certificate")
-			}
-			tlsConf.RootCAs = pool
+		var err error
+		if rt, err = NewTransport(opts.CABundle, opts.InsecureSkipVerify); err != nil {
+			return nil, err
 		}
-		t := http.DefaultTransport.(*http.Transport).Clone()
-		t.TLSClientConfig = tlsConf
-		// One large transfer per connection: HTTP/1.1 has no flow-control
-		// window to stall a bulk stream the way HTTP/2 does, and big
-		// buffers cut the system calls per gigabyte.
-		t.ForceAttemptHTTP2 = false
-		t.WriteBufferSize = 256 << 10
-		t.ReadBufferSize = 256 << 10
-		t.MaxIdleConnsPerHost = 16
-		t.DialContext = (&net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second}).DialContext
-		rt = t
 	}
 	if opts.UserAgent == "" {
 		opts.UserAgent = "vimg-dvcr-client"
@@ -118,6 +100,35 @@ func New(registry string, opts Options) (*Client, error) {
 		http:   &http.Client{Transport: rt},
 		tokens: map[string]bearer{},
 	}, nil
+}
+
+// NewTransport returns the transport a Client makes for itself: TLS 1.2 or
+// later trusting caBundle (PEM) besides the system's CAs, tuned for bulk
+// transfers. Share one between clients of several tokens to reuse
+// connections.
+func NewTransport(caBundle []byte, insecureSkipVerify bool) (http.RoundTripper, error) {
+	tlsConf := &tls.Config{InsecureSkipVerify: insecureSkipVerify, MinVersion: tls.VersionTLS12}
+	if len(caBundle) > 0 {
+		pool, err := x509.SystemCertPool()
+		if err != nil || pool == nil {
+			pool = x509.NewCertPool()
+		}
+		if !pool.AppendCertsFromPEM(caBundle) {
+			return nil, errors.New("CA bundle holds no PEM certificate")
+		}
+		tlsConf.RootCAs = pool
+	}
+	t := http.DefaultTransport.(*http.Transport).Clone()
+	t.TLSClientConfig = tlsConf
+	// One large transfer per connection: HTTP/1.1 has no flow-control
+	// window to stall a bulk stream the way HTTP/2 does, and big buffers
+	// cut the system calls per gigabyte.
+	t.ForceAttemptHTTP2 = false
+	t.WriteBufferSize = 256 << 10
+	t.ReadBufferSize = 256 << 10
+	t.MaxIdleConnsPerHost = 16
+	t.DialContext = (&net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second}).DialContext
+	return t, nil
 }
 
 // Registry returns the host[:port] the client talks to.

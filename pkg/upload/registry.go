@@ -2,14 +2,9 @@ package upload
 
 import (
 	"context"
-	"crypto/tls"
-	"crypto/x509"
-	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
-	"time"
 
 	v1 "github.com/opencontainers/image-spec/specs-go/v1"
 
@@ -43,26 +38,10 @@ type DVCR struct {
 // NewDVCR returns the Registry of the DVCR at address (host:port, over
 // TLS), trusting caBundle (PEM) besides the system's CAs.
 func NewDVCR(address string, caBundle []byte) (*DVCR, error) {
-	tlsConf := &tls.Config{MinVersion: tls.VersionTLS12}
-	if len(caBundle) > 0 {
-		pool, err := x509.SystemCertPool()
-		if err != nil || pool == nil {
-			pool = x509.NewCertPool()
-		}
-		if !pool.AppendCertsFromPEM(caBundle) {
-			return nil, errors.New("the DVCR CA bundle holds no PEM certificate")
-		}
-		tlsConf.RootCAs = pool
+	t, err := client.NewTransport(caBundle, false)
+	if err != nil {
+		return nil, fmt.Errorf("DVCR: %w", err)
 	}
-	t := http.DefaultTransport.(*http.Transport).Clone()
-	t.TLSClientConfig = tlsConf
-	// As in dvcr/client: HTTP/1.1, one bulk stream per connection, big
-	// buffers.
-	t.ForceAttemptHTTP2 = false
-	t.WriteBufferSize = 256 << 10
-	t.ReadBufferSize = 256 << 10
-	t.MaxIdleConnsPerHost = 16
-	t.DialContext = (&net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second}).DialContext
 	return &DVCR{address: address, transport: t}, nil
 }
 
