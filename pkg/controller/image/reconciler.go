@@ -379,47 +379,45 @@ func (r *Reconciler) setReady(st object, format string, virtual, stored int64) {
 }
 
 // reconcileObjectRef copies another image inside DVCR.
-func (r *Reconciler) reconcileObjectRef(ctx context.Context, o, st object, ref_ objectRef) (ctrl.Result, error) {
+func (r *Reconciler) reconcileObjectRef(ctx context.Context, o, st object, from objectRef) (ctrl.Result, error) {
 	if st.phase() == v1.ImagePhaseReady || st.phase() == v1.ImagePhaseImageLost {
 		return r.checkStored(ctx, o, st)
 	}
 	var src object
-	switch ref_.Kind {
+	switch from.Kind {
 	case v1.ObjectRefKindVirtualImage:
 		src = virtualImage{&v1.VirtualImage{}}
 	case v1.ObjectRefKindClusterVirtualImage:
 		src = clusterVirtualImage{&v1.ClusterVirtualImage{}}
 	default:
-		r.setWaiting(st, reasonNotSupported, fmt.Sprintf("objectRef kind %s is not supported yet: use an image (VirtualImage or ClusterVirtualImage) or another source", ref_.Kind))
+		r.setWaiting(st, reasonNotSupported, fmt.Sprintf("objectRef kind %s is not supported yet: use an image (VirtualImage or ClusterVirtualImage) or another source", from.Kind))
 		return ctrl.Result{}, nil
 	}
-	err := r.client.Get(ctx, types.NamespacedName{Namespace: ref_.Namespace, Name: ref_.Name}, src.obj())
+	err := r.client.Get(ctx, types.NamespacedName{Namespace: from.Namespace, Name: from.Name}, src.obj())
 	if apierrors.IsNotFound(err) {
-		r.setWaiting(st, reasonDatasourceMissing, ref_.String()+" not found: create it or fix objectRef")
+		r.setWaiting(st, reasonDatasourceMissing, from.String()+" not found: create it or fix objectRef")
 		return ctrl.Result{}, nil
 	}
 	if err != nil {
 		return ctrl.Result{}, err
 	}
 	if src.pvcStorage() {
-		r.setWaiting(st, reasonNotSupported, ref_.String()+" is stored on a PersistentVolumeClaim; copying from it is not supported yet")
+		r.setWaiting(st, reasonNotSupported, from.String()+" is stored on a PersistentVolumeClaim; copying from it is not supported yet")
 		return ctrl.Result{}, nil
 	}
 	if src.phase() != v1.ImagePhaseReady {
-		r.setWaiting(st, v1.ReasonDatasourceNotReady, fmt.Sprintf("Waiting for %s to be Ready (it is %s)", ref_.String(), phaseOrPending(src.phase())))
+		r.setWaiting(st, v1.ReasonDatasourceNotReady, fmt.Sprintf("Waiting for %s to be Ready (it is %s)", from.String(), phaseOrPending(src.phase())))
 		return ctrl.Result{}, nil
 	}
 	uid := string(src.GetUID())
 	st.common().SourceUID = &uid
-	if _, err := r.cfg.Registry.Copy(ctx, refOf(src), refOf(o)); err != nil {
-		r.setProvisioningMessage(st, v1.ReasonProvisioning, "Copying "+ref_.String()+" in DVCR failed, retrying: "+err.Error())
-		return ctrl.Result{}, fmt.Errorf("copying %s: %w", ref_.String(), err)
+	if _, err := r.cfg.Registry.Copy(ctx, ref(src), ref(o)); err != nil {
+		r.setProvisioningMessage(st, v1.ReasonProvisioning, "Copying "+from.String()+" in DVCR failed, retrying: "+err.Error())
+		return ctrl.Result{}, fmt.Errorf("copying %s: %w", from.String(), err)
 	}
-	r.recorder.Eventf(o.obj(), corev1.EventTypeNormal, eventImageCopied, "Copied from %s inside DVCR", ref_.String())
+	r.recorder.Eventf(o.obj(), corev1.EventTypeNormal, eventImageCopied, "Copied from %s inside DVCR", from.String())
 	return r.checkStored(ctx, o, st)
 }
-
-func refOf(o object) string { return ref(o) }
 
 func phaseOrPending(p v1.ImagePhase) v1.ImagePhase {
 	if p == "" {
