@@ -118,7 +118,7 @@ func Import(ctx context.Context, req Request) (*Result, error) {
 	if err := req.check(); err != nil {
 		return nil, fmt.Errorf("importing into %s: %w", req.Ref, err)
 	}
-	repo, err := repository(req.Ref)
+	repo, err := Repository(req.Ref)
 	if err != nil {
 		return nil, fmt.Errorf("importing into %s: %w", req.Ref, err)
 	}
@@ -160,8 +160,9 @@ func (r *Request) check() error {
 	return nil
 }
 
-// repository returns the repository of "<repository>:<tag>".
-func repository(ref string) (string, error) {
+// Repository returns the repository of a DVCR reference "<repository>:<tag>",
+// refusing a reference without a tag or with a digest.
+func Repository(ref string) (string, error) {
 	r, err := reference.Parse(ref)
 	if err != nil {
 		return "", fmt.Errorf("%w: reference %q: %w", errInvalidRequest, ref, err)

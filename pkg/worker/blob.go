@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"strings"
 	"sync"
 
 	"github.com/opencontainers/go-digest"
@@ -26,14 +25,14 @@ func openBlob(ctx context.Context, s api.SourceSpec, dvcr *client.Client, ref st
 	if err != nil {
 		return nil, &importer.Error{Reason: importer.ReasonInternal, Message: fmt.Sprintf("the uploaded blob's digest %q: %v", s.URL, err), Permanent: true}
 	}
-	i := strings.LastIndexByte(ref, ':')
-	if i <= 0 || strings.Contains(ref[i:], "/") {
-		return nil, &importer.Error{Reason: importer.ReasonInternal, Message: fmt.Sprintf("the DVCR reference %q has no tag", ref), Permanent: true}
+	repo, err := importer.Repository(ref)
+	if err != nil {
+		return nil, &importer.Error{Reason: importer.ReasonInternal, Message: err.Error(), Permanent: true}
 	}
 	if s.Size < 0 {
 		return nil, &importer.Error{Reason: importer.ReasonInternal, Message: fmt.Sprintf("the uploaded blob's size %d is negative", s.Size), Permanent: true}
 	}
-	return &blobSource{ctx: ctx, dvcr: dvcr, repo: ref[:i], digest: d, size: s.Size}, nil
+	return &blobSource{ctx: ctx, dvcr: dvcr, repo: repo, digest: d, size: s.Size}, nil
 }
 
 type blobSource struct {
