@@ -177,14 +177,7 @@ func OpenHTTP(ctx context.Context, rawURL string, opts HTTPOptions) (Source, err
 	case opts.Retries < 0:
 		opts.Retries = 0
 	}
-	switch {
-	case opts.ReadAhead <= 0:
-		opts.ReadAhead = defaultReadAhead
-	case opts.ReadAhead < minReadAhead:
-		opts.ReadAhead = minReadAhead
-	case opts.ReadAhead > maxReadAhead:
-		opts.ReadAhead = maxReadAhead
-	}
+	opts.ReadAhead = clampWindow(opts.ReadAhead)
 
 	s := &httpSource{
 		name:     redactURL(u),
