@@ -49,11 +49,7 @@ type Config struct {
 func Run(ctx context.Context, cfg Config) error {
 	log := klog.FromContext(ctx)
 	out := run(ctx, cfg)
-	if cfg.TerminationMessagePath != "" {
-		if err := os.WriteFile(cfg.TerminationMessagePath, out.Encode(), 0o644); err != nil {
-			log.Error(err, "Writing the termination message failed")
-		}
-	}
+	record(ctx, cfg, out)
 	if out.Result == nil {
 		log.Info("Import failed", "reason", out.Reason, "message", out.Message, "permanent", out.Permanent)
 		return fmt.Errorf("%s: %s", out.Reason, out.Message)
@@ -205,14 +201,19 @@ func newReporter(cfg Config) *reporter {
 }
 
 func (r *reporter) set(p importer.Progress) {
-	r.mu.Lock()
-	r.latest = api.Progress{
+	r.report(api.Progress{
 		Fraction:     p.Fraction,
 		SourceRead:   p.SourceRead,
 		SourceTotal:  p.SourceTotal,
 		AvgSpeed:     p.AvgBytesPerSecond,
 		CurrentSpeed: p.CurrentBytesPerSecond,
-	}
+	})
+}
+
+// report records p as the latest progress, written at the next tick.
+func (r *reporter) report(p api.Progress) {
+	r.mu.Lock()
+	r.latest = p
 	r.mu.Unlock()
 }
 

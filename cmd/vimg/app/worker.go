@@ -27,22 +27,9 @@ func newWorkerCommand() *cobra.Command {
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
 			ctx = klog.NewContext(ctx, klog.Background())
-			cfg := worker.Config{
-				RequestPath:            request,
-				PodName:                os.Getenv("POD_NAME"),
-				PodNamespace:           os.Getenv("POD_NAMESPACE"),
-				TerminationMessagePath: api.TerminationMessagePath,
-			}
-			if cfg.PodName != "" {
-				rc, err := rest.InClusterConfig()
-				if err != nil {
-					return err
-				}
-				if cfg.Kube, err = kubernetes.NewForConfig(rc); err != nil {
-					return err
-				}
-			} else {
-				cfg.TerminationMessagePath = ""
+			cfg, err := podConfig(request)
+			if err != nil {
+				return err
 			}
 			// The outcome is already in the termination message; the
 			// error only sets the exit code.
@@ -52,6 +39,46 @@ func newWorkerCommand() *cobra.Command {
 	}
 	imp.Flags().StringVar(&request, "request", api.RequestDir+"/"+api.RequestFile, "the import request file")
 	cmd.AddCommand(imp)
+	var populateRequest string
+	pop := &cobra.Command{
+		Use:   "populate",
+		Short: "Write the image a request file names onto the pod's volume",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			ctx = klog.NewContext(ctx, klog.Background())
+			cfg, err := podConfig(populateRequest)
+			if err != nil {
+				return err
+			}
+			cmd.SilenceErrors = true
+			return worker.Populate(ctx, worker.PopulateConfig{Config: cfg})
+		},
+	}
+	pop.Flags().StringVar(&populateRequest, "request", api.PopulateRequestDir+"/"+api.RequestFile, "the populate request file")
+	cmd.AddCommand(pop)
 	cmd.AddCommand(newUploadGatewayCommand())
 	return cmd
+}
+
+// podConfig is the worker's configuration in a pod (POD_NAME set: progress
+// on the pod, outcome in the termination message) or run by hand.
+func podConfig(request string) (worker.Config, error) {
+	cfg := worker.Config{
+		RequestPath:            request,
+		PodName:                os.Getenv("POD_NAME"),
+		PodNamespace:           os.Getenv("POD_NAMESPACE"),
+		TerminationMessagePath: api.TerminationMessagePath,
+	}
+	if cfg.PodName == "" {
+		cfg.TerminationMessagePath = ""
+		return cfg, nil
+	}
+	rc, err := rest.InClusterConfig()
+	if err != nil {
+		return cfg, err
+	}
+	cfg.Kube, err = kubernetes.NewForConfig(rc)
+	return cfg, err
 }

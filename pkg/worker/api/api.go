@@ -84,6 +84,8 @@ type Progress struct {
 // Outcome is the termination message: a Result, or why there is none.
 type Outcome struct {
 	Result *Result `json:"result,omitempty"`
+	// Populated is a populate pod's result.
+	Populated *PopulateResult `json:"populated,omitempty"`
 	// Reason is a constant CamelCase word; Message says what to fix.
 	Reason    string `json:"reason,omitempty"`
 	Message   string `json:"message,omitempty"`

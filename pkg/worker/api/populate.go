@@ -1,0 +1,102 @@
+package api
+
+import "fmt"
+
+// The contract between the volume populator and a populate pod: the pod
+// gets the volume (a mount or a device) and a request naming one image in
+// DVCR, pinned by manifest digest; it writes the raw disk and leaves an
+// Outcome whose Populated field says what it wrote.
+
+// Where a populate pod finds its request and its volume.
+const (
+	PopulateRequestDir = "/etc/vimg/populate"
+	// PopulateMountPath is where a Filesystem volume is mounted; the disk
+	// is DiskFile at its root, as KubeVirt expects it.
+	PopulateMountPath = "/target"
+	// PopulateDevicePath is where a Block volume appears.
+	PopulateDevicePath = "/dev/vimg-target"
+	DiskFile           = "disk.img"
+)
+
+// Reasons a populate pod fails with besides the importer's.
+const (
+	// ReasonTooSmall: the volume cannot hold the image's virtual size.
+	ReasonTooSmall = "VolumeTooSmall"
+	// ReasonImageChanged: the pinned image is no longer in DVCR (the image
+	// was deleted or re-imported); the populator starts over.
+	ReasonImageChanged = "ImageChanged"
+)
+
+// PopulateRequest is what one populate pod does. Like Request it holds a
+// token, so it lives only in a Secret.
+type PopulateRequest struct {
+	// DVCR names the image by digest ("repo@sha256:...") with a token
+	// allowing pull of that repository only.
+	DVCR DVCRSpec `json:"dvcr"`
+	// Block says the volume is a device at PopulateDevicePath; otherwise
+	// it is a file system at PopulateMountPath.
+	Block bool `json:"block"`
+	// Capacity is the volume's size as its PersistentVolume gives it. A
+	// Filesystem volume's disk.img is Capacity less FilesystemOverhead,
+	// and never more than the file system can hold.
+	Capacity int64 `json:"capacity"`
+	// FilesystemOverhead is the fraction of a Filesystem volume kept for
+	// the file system's own metadata (0..0.5).
+	FilesystemOverhead float64 `json:"filesystemOverhead"`
+	// UID and GID own disk.img (107, qemu in KubeVirt's launcher).
+	UID int `json:"uid"`
+	GID int `json:"gid"`
+}
+
+// PopulateResult describes a filled volume.
+type PopulateResult struct {
+	// VirtualSize is the image's; DiskSize what the guest sees now (the
+	// volume's usable size, at least VirtualSize).
+	VirtualSize int64 `json:"virtualSize"`
+	DiskSize    int64 `json:"diskSize"`
+	// Written is the bytes of data written; zero ranges are not written.
+	Written int64 `json:"written"`
+	// Read is the bytes read from DVCR.
+	Read int64 `json:"read"`
+}
+
+// DiskAlign is the granularity of a Filesystem volume's disk.img: what
+// KubeVirt and most guests expect of a disk's size.
+const DiskAlign = 1 << 20
+
+// UsableDiskSize is the size disk.img gets on a Filesystem volume of
+// capacity bytes: the capacity less the file system's overhead, in whole
+// MiB. The populator checks claims against it before starting a pod; the
+// pod also bounds it by the free space it finds.
+func UsableDiskSize(capacity int64, overhead float64) int64 {
+	return int64(float64(capacity)*(1-overhead)) / DiskAlign * DiskAlign
+}
+
+// FilesystemClaimSize is the smallest Filesystem claim whose disk.img holds
+// virtualSize bytes.
+func FilesystemClaimSize(virtualSize int64, overhead float64) int64 {
+	need := int64(float64(virtualSize)/(1-overhead)) + DiskAlign
+	return need / DiskAlign * DiskAlign
+}
+
+// TooSmallMessage says that a volume (have: "the block volume holds 1Gi")
+// cannot hold an image of size bytes, and what claim would.
+func TooSmallMessage(have string, size, need int64) string {
+	return fmt.Sprintf("%s but the image's virtual size is %s (%d bytes): create the PersistentVolumeClaim again with at least %s (%d bytes) of storage",
+		have, BytesIEC(size), size, BytesIEC(need), need)
+}
+
+// BytesIEC renders a size the way kubectl shows quantities: "1.5Gi".
+func BytesIEC(n int64) string {
+	units := []string{"", "Ki", "Mi", "Gi", "Ti", "Pi"}
+	f := float64(n)
+	i := 0
+	for f >= 1024 && i < len(units)-1 {
+		f /= 1024
+		i++
+	}
+	if i == 0 {
+		return fmt.Sprintf("%d bytes", n)
+	}
+	return fmt.Sprintf("%.4g%s", f, units[i])
+}

@@ -1,0 +1,246 @@
+package worker
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"time"
+
+	"golang.org/x/sys/unix"
+	"k8s.io/klog/v2"
+
+	"vimg.dev/vimg/dvcr/client"
+	"vimg.dev/vimg/pkg/diskimage"
+	"vimg.dev/vimg/pkg/diskimage/sink"
+	"vimg.dev/vimg/pkg/diskimage/source"
+	"vimg.dev/vimg/pkg/importer"
+	"vimg.dev/vimg/pkg/version"
+	"vimg.dev/vimg/pkg/worker/api"
+)
+
+// PopulateConfig wires a populate run: Config's pod and reporting fields,
+// plus where the volume is (the api paths in a pod; tests point them at
+// files).
+type PopulateConfig struct {
+	Config
+	DevicePath, MountPath string
+}
+
+// Populate writes the image a populate request names onto the volume and
+// records the outcome in the termination message, like Run.
+func Populate(ctx context.Context, cfg PopulateConfig) error {
+	if cfg.DevicePath == "" {
+		cfg.DevicePath = api.PopulateDevicePath
+	}
+	if cfg.MountPath == "" {
+		cfg.MountPath = api.PopulateMountPath
+	}
+	out := populate(ctx, cfg)
+	record(ctx, cfg.Config, out)
+	if out.Populated == nil {
+		klog.FromContext(ctx).Info("Populating failed", "reason", out.Reason, "message", out.Message, "permanent", out.Permanent)
+		return fmt.Errorf("%s: %s", out.Reason, out.Message)
+	}
+	klog.FromContext(ctx).Info("Volume populated", "virtualSize", out.Populated.VirtualSize,
+		"diskSize", out.Populated.DiskSize, "written", out.Populated.Written, "read", out.Populated.Read)
+	return nil
+}
+
+// record writes an outcome into the termination message.
+func record(ctx context.Context, cfg Config, out api.Outcome) {
+	if cfg.TerminationMessagePath == "" {
+		return
+	}
+	if err := os.WriteFile(cfg.TerminationMessagePath, out.Encode(), 0o644); err != nil {
+		klog.FromContext(ctx).Error(err, "Writing the termination message failed")
+	}
+}
+
+func populate(ctx context.Context, cfg PopulateConfig) api.Outcome {
+	req, err := readPopulateRequest(cfg.RequestPath)
+	if err != nil {
+		return api.Outcome{Reason: importer.ReasonInternal, Message: err.Error(), Permanent: true}
+	}
+	dvcr, err := client.New(req.DVCR.Address, client.Options{
+		Token:     req.DVCR.Token,
+		CABundle:  req.DVCR.CABundle,
+		UserAgent: "vimg-populate/" + version.Version,
+	})
+	if err != nil {
+		return api.Outcome{Reason: importer.ReasonInternal, Message: "DVCR client: " + err.Error(), Permanent: true}
+	}
+	im, err := dvcr.Open(ctx, req.DVCR.Ref)
+	if errors.Is(err, client.ErrNotFound) {
+		return api.Outcome{Reason: api.ReasonImageChanged, Message: fmt.Sprintf("%s is no longer in DVCR: the image was deleted or imported again", req.DVCR.Ref)}
+	}
+	if err != nil {
+		return api.Outcome{Reason: importer.ReasonTransient, Message: "reading the image's manifest from DVCR: " + err.Error()}
+	}
+	src := source.NewRangeSource(ctx, im.Ref, im.Size(), func(ctx context.Context, off int64, p []byte) error {
+		n, err := im.ReadAtContext(ctx, p, off)
+		if n == len(p) {
+			return nil
+		}
+		if err == nil || errors.Is(err, io.EOF) {
+			err = io.ErrUnexpectedEOF
+		}
+		return err
+	}, source.RangeOptions{})
+	defer src.Close()
+
+	t := &volume{cfg: cfg, req: req}
+	rep := newReporter(cfg.Config)
+	stop := rep.start(ctx)
+	began := time.Now()
+	res, err := diskimage.Convert(ctx, src, diskimage.Options{
+		OpenTarget: t.open,
+		Progress: func(p diskimage.Progress) {
+			secs := max(time.Since(began).Seconds(), 0.001)
+			rep.report(api.Progress{Fraction: p.Fraction, SourceRead: p.SourceRead, SourceTotal: p.SourceTotal,
+				AvgSpeed: int64(float64(p.SourceRead) / secs)})
+		},
+	})
+	if t.target != nil {
+		if cerr := t.target.Close(); err == nil && cerr != nil {
+			err = fmt.Errorf("closing the volume: %w", cerr)
+		}
+	}
+	if err == nil {
+		err = t.finish()
+	}
+	rep.report(api.Progress{Fraction: 1, SourceRead: src.Size(), SourceTotal: src.Size()})
+	stop()
+	if err != nil {
+		var e *importer.Error
+		if errors.As(err, &e) {
+			return api.Outcome{Reason: e.Reason, Message: e.Message, Permanent: e.Permanent}
+		}
+		if ctx.Err() != nil {
+			return api.Outcome{Reason: importer.ReasonTransient, Message: "interrupted: " + err.Error()}
+		}
+		// The image was validated when it was imported: a failure now is
+		// the registry or the volume, worth another attempt.
+		return api.Outcome{Reason: importer.ReasonTransient, Message: err.Error()}
+	}
+	return api.Outcome{Populated: &api.PopulateResult{
+		VirtualSize: res.Info.VirtualSize,
+		DiskSize:    t.target.Size(),
+		Written:     res.Written,
+		Read:        res.SourceRead,
+	}}
+}
+
+func readPopulateRequest(path string) (api.PopulateRequest, error) {
+	b, err := os.ReadFile(filepath.Clean(path))
+	if err != nil {
+		return api.PopulateRequest{}, fmt.Errorf("reading the populate request: %w", err)
+	}
+	var r api.PopulateRequest
+	if err := json.Unmarshal(b, &r); err != nil {
+		return api.PopulateRequest{}, fmt.Errorf("parsing the populate request: %w", err)
+	}
+	if r.DVCR.Address == "" || r.DVCR.Ref == "" {
+		return api.PopulateRequest{}, errors.New("the populate request names no DVCR address or reference")
+	}
+	if r.FilesystemOverhead < 0 || r.FilesystemOverhead > 0.5 {
+		return api.PopulateRequest{}, fmt.Errorf("the populate request's file system overhead %v is outside 0..0.5", r.FilesystemOverhead)
+	}
+	return r, nil
+}
+
+// volume opens the populate pod's volume once the disk's size is known.
+type volume struct {
+	cfg    PopulateConfig
+	req    api.PopulateRequest
+	path   string
+	target sink.Target
+}
+
+func (v *volume) open(size int64) (diskimage.Target, error) {
+	if size < 0 {
+		// Images in DVCR always have a known size; a raw stream of
+		// unknown length never reaches a populate pod.
+		return nil, &importer.Error{Reason: importer.ReasonInternal, Message: "the image's size is unknown", Permanent: true}
+	}
+	if v.req.Block {
+		v.path = v.cfg.DevicePath
+		// Open with size 0 first so that a device too small is told
+		// apart from every other failure.
+		t, err := sink.Open(v.path, 0)
+		if err != nil {
+			return nil, fmt.Errorf("opening the volume: %w", err)
+		}
+		if t.Size() < size {
+			t.Close()
+			return nil, tooSmall(fmt.Sprintf("the block volume holds %s", api.BytesIEC(t.Size())), size, size)
+		}
+		v.target = t
+		return t, nil
+	}
+	v.path = filepath.Join(v.cfg.MountPath, api.DiskFile)
+	usable, err := v.usable()
+	if err != nil {
+		return nil, err
+	}
+	if usable < size {
+		need := api.FilesystemClaimSize(size, v.req.FilesystemOverhead)
+		return nil, tooSmall(fmt.Sprintf("the file system volume leaves %s for %s (%s less %.1f%% for the file system)",
+			api.BytesIEC(usable), api.DiskFile, api.BytesIEC(v.req.Capacity), v.req.FilesystemOverhead*100), size, need)
+	}
+	t, err := sink.Open(v.path, usable)
+	if err != nil {
+		return nil, fmt.Errorf("creating %s on the volume: %w", api.DiskFile, err)
+	}
+	v.target = t
+	return t, nil
+}
+
+// usable is the size disk.img gets: the volume's capacity less the file
+// system's overhead, no more than the file system has free (some
+// provisioners hand out more capacity than they back), in whole MiB.
+func (v *volume) usable() (int64, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(v.cfg.MountPath, &st); err != nil {
+		return 0, fmt.Errorf("reading the volume's free space: %w", err)
+	}
+	free := int64(st.Bavail) * int64(st.Bsize)
+	if fi, err := os.Stat(v.path); err == nil && fi.Mode().IsRegular() {
+		// A disk.img left by an earlier attempt is replaced.
+		if s, ok := fi.Sys().(*unix.Stat_t); ok {
+			free += s.Blocks * 512
+		}
+	}
+	want := v.req.Capacity
+	if want <= 0 {
+		want = free
+	}
+	return min(api.UsableDiskSize(want, v.req.FilesystemOverhead), free/api.DiskAlign*api.DiskAlign), nil
+}
+
+// finish gives disk.img to the guest's user.
+func (v *volume) finish() error {
+	if v.req.Block || v.path == "" {
+		return nil
+	}
+	fi, err := os.Stat(v.path)
+	if err != nil {
+		return fmt.Errorf("checking %s: %w", api.DiskFile, err)
+	}
+	if s, ok := fi.Sys().(*unix.Stat_t); ok && (int(s.Uid) != v.req.UID || int(s.Gid) != v.req.GID) {
+		if err := os.Chown(v.path, v.req.UID, v.req.GID); err != nil {
+			return fmt.Errorf("giving %s to %d:%d: %w", api.DiskFile, v.req.UID, v.req.GID, err)
+		}
+	}
+	if err := os.Chmod(v.path, 0o660); err != nil {
+		return fmt.Errorf("setting the mode of %s: %w", api.DiskFile, err)
+	}
+	return nil
+}
+
+func tooSmall(have string, size, need int64) error {
+	return &importer.Error{Reason: api.ReasonTooSmall, Permanent: true, Message: api.TooSmallMessage(have, size, need)}
+}
