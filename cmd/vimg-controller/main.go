@@ -14,7 +14,6 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/kubernetes"
@@ -29,6 +28,7 @@ import (
 	v1 "vimg.dev/vimg/pkg/apis/virtualization/v1alpha2"
 	"vimg.dev/vimg/pkg/controller/bootstrap"
 	"vimg.dev/vimg/pkg/controller/image"
+	"vimg.dev/vimg/pkg/podinfo"
 	"vimg.dev/vimg/pkg/version"
 	"vimg.dev/vimg/pkg/worker/api"
 )
@@ -113,7 +113,7 @@ func run() error {
 		return err
 	}
 	if o.workerImage == "" {
-		if o.workerImage, err = ownImage(ctx, cs, o.namespace, os.Getenv("POD_NAME")); err != nil {
+		if o.workerImage, err = podinfo.OwnImage(ctx, cs, o.namespace, os.Getenv("POD_NAME"), "controller"); err != nil {
 			return err
 		}
 	}
@@ -211,24 +211,6 @@ func hostOf(raw string) []string {
 		return nil
 	}
 	return []string{u.Hostname()}
-}
-
-// ownImage is the image of the controller's own container: import pods run
-// the same image, so an installation names its image once.
-func ownImage(ctx context.Context, cs kubernetes.Interface, ns, pod string) (string, error) {
-	if pod == "" {
-		return "", fmt.Errorf("--worker-image is required outside a pod (POD_NAME is not set)")
-	}
-	p, err := cs.CoreV1().Pods(ns).Get(ctx, pod, metav1.GetOptions{})
-	if err != nil {
-		return "", fmt.Errorf("reading the controller's own pod to learn the worker image: %w", err)
-	}
-	for _, c := range p.Spec.Containers {
-		if c.Name == "controller" {
-			return c.Image, nil
-		}
-	}
-	return p.Spec.Containers[0].Image, nil
 }
 
 // bootstrapWithRetry waits out an API server that is not reachable yet

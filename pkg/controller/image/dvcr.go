@@ -76,9 +76,20 @@ func (d *DVCR) Delete(ctx context.Context, ref string) error {
 
 // PushToken implements TokenSource.
 func (d *DVCR) PushToken(ctx context.Context, repo string, ttl time.Duration) (string, error) {
-	t, err := auth.RequestToken(ctx, d.http, d.realm, d.user, d.password, []string{"repository:" + repo + ":pull,push"}, ttl)
+	return d.token(ctx, repo, "pull,push", ttl)
+}
+
+// PullToken returns a token allowing only pull on repo, for pods that read
+// one image (populate pods). The credentials behind d only need the pull
+// role.
+func (d *DVCR) PullToken(ctx context.Context, repo string, ttl time.Duration) (string, error) {
+	return d.token(ctx, repo, "pull", ttl)
+}
+
+func (d *DVCR) token(ctx context.Context, repo, actions string, ttl time.Duration) (string, error) {
+	t, err := auth.RequestToken(ctx, d.http, d.realm, d.user, d.password, []string{"repository:" + repo + ":" + actions}, ttl)
 	if err != nil {
-		return "", fmt.Errorf("requesting a push token for %s: %w", repo, err)
+		return "", fmt.Errorf("requesting a %s token for %s: %w", actions, repo, err)
 	}
 	return t.Token, nil
 }
