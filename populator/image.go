@@ -1,0 +1,84 @@
+package populator
+
+import (
+	"fmt"
+	"strings"
+
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+
+	v1 "vimg.dev/vimg/pkg/apis/virtualization/v1alpha2"
+)
+
+// The data source kinds the populator serves.
+var (
+	VirtualImageGK         = schema.GroupKind{Group: v1.GroupName, Kind: "VirtualImage"}
+	ClusterVirtualImageGK  = schema.GroupKind{Group: v1.GroupName, Kind: "ClusterVirtualImage"}
+	VirtualImageGVR        = v1.SchemeGroupVersion.WithResource("virtualimages")
+	ClusterVirtualImageGVR = v1.SchemeGroupVersion.WithResource("clustervirtualimages")
+)
+
+// image is what the populator reads of a VirtualImage or
+// ClusterVirtualImage: the informers hold them unstructured.
+type image struct {
+	kind, namespace, name string
+	uid                   string
+	phase                 v1.ImagePhase
+	storage               string
+	registryURL           string
+	progress              string
+	deleting              bool
+}
+
+func imageOf(u *unstructured.Unstructured) image {
+	str := func(fields ...string) string {
+		s, _, _ := unstructured.NestedString(u.Object, fields...)
+		return s
+	}
+	return image{
+		kind:        u.GetKind(),
+		namespace:   u.GetNamespace(),
+		name:        u.GetName(),
+		uid:         string(u.GetUID()),
+		phase:       v1.ImagePhase(str("status", "phase")),
+		storage:     str("spec", "storage"),
+		registryURL: str("status", "target", "registryURL"),
+		progress:    str("status", "progress"),
+		deleting:    u.GetDeletionTimestamp() != nil,
+	}
+}
+
+func (im image) String() string {
+	if im.namespace == "" {
+		return im.kind + " " + im.name
+	}
+	return im.kind + " " + im.namespace + "/" + im.name
+}
+
+// notUsable says why a claim cannot be filled from the image now, and
+// whether waiting can help; "" means it can be filled.
+func (im image) notUsable(dvcrAddress string) (why string, wait bool) {
+	switch {
+	case im.deleting:
+		return im.String() + " is being deleted", true
+	case im.storage == string(v1.StoragePersistentVolumeClaim):
+		return im.String() + " is stored in a PersistentVolumeClaim; only images stored in DVCR (storage: ContainerRegistry) can fill other claims yet", false
+	case im.phase != v1.ImagePhaseReady:
+		phase := string(im.phase)
+		if phase == "" {
+			phase = "Pending"
+		}
+		if im.progress != "" && im.phase == v1.ImagePhaseProvisioning {
+			phase += " " + im.progress
+		}
+		return fmt.Sprintf("%s is %s; the claim is filled once it is Ready", im, phase), true
+	case !strings.HasPrefix(im.registryURL, dvcrAddress+"/"):
+		return fmt.Sprintf("%s is Ready but its registryURL %q is not in DVCR at %s", im, im.registryURL, dvcrAddress), true
+	}
+	return "", false
+}
+
+// ref is the image's DVCR reference without the registry address.
+func (im image) ref(dvcrAddress string) string {
+	return strings.TrimPrefix(im.registryURL, dvcrAddress+"/")
+}

@@ -1,0 +1,80 @@
+package populator
+
+import (
+	"strconv"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/utils/ptr"
+
+	"vimg.dev/vimg/pkg/worker/api"
+)
+
+// qemuID is the user and group of qemu in KubeVirt's virt-launcher:
+// disk.img belongs to it, and Filesystem populate pods run as it.
+const qemuID = 107
+
+// buildPod is the populate pod of a claim. A Filesystem volume is written
+// by qemu's user, so the file system's fsGroup handling makes the volume
+// writable and disk.img comes out owned right. A Block volume's device
+// node belongs to root (the runtime copies the host's owner unless it
+// is configured to follow the security context), so that pod runs as root
+// — with every capability dropped: owning the node is all it needs.
+func (w *worker) buildPod(pvc, prime *corev1.PersistentVolumeClaim, block bool, attempt int) *corev1.Pod {
+	c := corev1.Container{
+		Name:            "populate",
+		Image:           w.cfg.WorkerImage,
+		ImagePullPolicy: w.cfg.WorkerImagePullPolicy,
+		Command:         []string{"/usr/bin/vimg", "worker", "populate"},
+		Env: []corev1.EnvVar{
+			{Name: "POD_NAME", ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{FieldPath: "metadata.name"}}},
+			{Name: "POD_NAMESPACE", ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{FieldPath: "metadata.namespace"}}},
+		},
+		VolumeMounts:             []corev1.VolumeMount{{Name: "request", MountPath: api.PopulateRequestDir, ReadOnly: true}},
+		Resources:                w.cfg.WorkerResources,
+		TerminationMessagePath:   api.TerminationMessagePath,
+		TerminationMessagePolicy: corev1.TerminationMessageReadFile,
+		SecurityContext: &corev1.SecurityContext{
+			AllowPrivilegeEscalation: ptr.To(false),
+			ReadOnlyRootFilesystem:   ptr.To(true),
+			Capabilities:             &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}},
+		},
+	}
+	psc := &corev1.PodSecurityContext{SeccompProfile: &corev1.SeccompProfile{Type: corev1.SeccompProfileTypeRuntimeDefault}}
+	if block {
+		c.VolumeDevices = []corev1.VolumeDevice{{Name: "target", DevicePath: api.PopulateDevicePath}}
+		psc.RunAsUser = ptr.To[int64](0)
+		psc.RunAsGroup = ptr.To[int64](0)
+		psc.RunAsNonRoot = ptr.To(false)
+	} else {
+		c.VolumeMounts = append(c.VolumeMounts, corev1.VolumeMount{Name: "target", MountPath: api.PopulateMountPath})
+		psc.RunAsUser = ptr.To[int64](qemuID)
+		psc.RunAsGroup = ptr.To[int64](qemuID)
+		psc.FSGroup = ptr.To[int64](qemuID)
+		psc.RunAsNonRoot = ptr.To(true)
+	}
+	return &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{
+			Name:            podName(pvc),
+			Namespace:       w.cfg.Namespace,
+			Labels:          w.labels(pvc),
+			Annotations:     map[string]string{AnnotationAttempts: strconv.Itoa(attempt)},
+			OwnerReferences: []metav1.OwnerReference{ownerRef(prime)},
+		},
+		Spec: corev1.PodSpec{
+			RestartPolicy:                corev1.RestartPolicyNever,
+			ServiceAccountName:           w.cfg.WorkerServiceAccount,
+			AutomountServiceAccountToken: ptr.To(true), // progress goes on the pod
+			SecurityContext:              psc,
+			Containers:                   []corev1.Container{c},
+			Volumes: []corev1.Volume{
+				{Name: "request", VolumeSource: corev1.VolumeSource{Secret: &corev1.SecretVolumeSource{
+					SecretName: secretName(pvc), DefaultMode: ptr.To[int32](0o440),
+				}}},
+				{Name: "target", VolumeSource: corev1.VolumeSource{PersistentVolumeClaim: &corev1.PersistentVolumeClaimVolumeSource{
+					ClaimName: prime.Name,
+				}}},
+			},
+		},
+	}
+}

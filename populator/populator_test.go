@@ -1,0 +1,133 @@
+package populator
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+
+	v1 "vimg.dev/vimg/pkg/apis/virtualization/v1alpha2"
+)
+
+func testImage(phase, storage, url string) *unstructured.Unstructured {
+	u := &unstructured.Unstructured{Object: map[string]any{
+		"apiVersion": "virtualization.deckhouse.io/v1alpha2", "kind": "VirtualImage",
+		"metadata": map[string]any{"name": "img", "namespace": "ns", "uid": "u1"},
+		"spec":     map[string]any{"storage": storage},
+		"status":   map[string]any{"phase": phase, "progress": "40%", "target": map[string]any{"registryURL": url}},
+	}}
+	return u
+}
+
+func TestImage_NotUsableSaysWhyAndWhetherToWait(t *testing.T) {
+	const dvcr = "vimg-dvcr.vimg-system.svc:443"
+	for name, tc := range map[string]struct {
+		u        *unstructured.Unstructured
+		wait     bool
+		contains string
+	}{
+		"ready":         {testImage("Ready", "ContainerRegistry", dvcr+"/vi/ns/img:u1"), false, ""},
+		"provisioning":  {testImage("Provisioning", "ContainerRegistry", ""), true, "Provisioning 40%"},
+		"no phase yet":  {testImage("", "ContainerRegistry", ""), true, "is Pending"},
+		"failed":        {testImage("Failed", "ContainerRegistry", ""), true, "is Failed"},
+		"pvc storage":   {testImage("Ready", "PersistentVolumeClaim", ""), false, "stored in a PersistentVolumeClaim"},
+		"elsewhere url": {testImage("Ready", "ContainerRegistry", "other:5000/vi/ns/img:u1"), true, "not in DVCR"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			why, wait := imageOf(tc.u).notUsable(dvcr)
+			if (why == "") != (tc.contains == "") || !strings.Contains(why, tc.contains) || wait != tc.wait {
+				t.Fatalf("notUsable = %q, %v; want %q, %v", why, wait, tc.contains, tc.wait)
+			}
+		})
+	}
+	if got := imageOf(testImage("Ready", "", dvcr+"/vi/ns/img:u1")).ref(dvcr); got != "vi/ns/img:u1" {
+		t.Fatalf("ref %q", got)
+	}
+}
+
+func TestWorker_TooSmallCountsTheFileSystemOverhead(t *testing.T) {
+	w := &worker{cfg: Config{FilesystemOverhead: 0.055}}
+	const mi = 1 << 20
+	if msg := w.tooSmall(true, 64*mi, 64*mi); msg != "" {
+		t.Errorf("a block claim of exactly the virtual size is too small: %s", msg)
+	}
+	if msg := w.tooSmall(true, 63*mi, 64*mi); !strings.Contains(msg, "at least 64Mi") {
+		t.Errorf("block message %q", msg)
+	}
+	// 66 MiB less 5.5% is 62 MiB: too small for 64 MiB; the answer is a
+	// claim whose usable part holds it.
+	msg := w.tooSmall(false, 66*mi, 64*mi)
+	if !strings.Contains(msg, "leaves 62Mi for disk.img") || !strings.Contains(msg, "at least 68Mi") {
+		t.Errorf("filesystem message %q", msg)
+	}
+	if msg := w.tooSmall(false, 68*mi, 64*mi); msg != "" {
+		t.Errorf("the size the message asks for is still too small: %s", msg)
+	}
+}
+
+func TestWorker_PodsHaveNoPrivilegesBeyondTheirVolume(t *testing.T) {
+	w := &worker{cfg: Config{Namespace: "vimg-populate", WorkerImage: "img", WorkerServiceAccount: "vimg-worker"}}
+	pvc := &corev1.PersistentVolumeClaim{ObjectMeta: metav1.ObjectMeta{Name: "c", Namespace: "ns", UID: "u"}}
+	prime := &corev1.PersistentVolumeClaim{ObjectMeta: metav1.ObjectMeta{Name: "prime-u", Namespace: "vimg-populate", UID: "p"}}
+	fs := w.buildPod(pvc, prime, false, 1)
+	if sc := fs.Spec.SecurityContext; *sc.RunAsUser != 107 || !*sc.RunAsNonRoot || *sc.FSGroup != 107 {
+		t.Errorf("filesystem pod security %+v", sc)
+	}
+	block := w.buildPod(pvc, prime, true, 1)
+	c := block.Spec.Containers[0]
+	if len(c.VolumeDevices) != 1 || len(c.VolumeMounts) != 1 {
+		t.Errorf("block pod attaches %v %v", c.VolumeDevices, c.VolumeMounts)
+	}
+	for _, p := range []*corev1.Pod{fs, block} {
+		c := p.Spec.Containers[0]
+		if c.SecurityContext.Privileged != nil || *c.SecurityContext.AllowPrivilegeEscalation ||
+			len(c.SecurityContext.Capabilities.Drop) != 1 || c.SecurityContext.Capabilities.Add != nil {
+			t.Errorf("container security %+v", c.SecurityContext)
+		}
+		if p.OwnerReferences[0].UID != "p" || p.Labels[LabelClaimUID] != "u" {
+			t.Errorf("pod owner %v labels %v", p.OwnerReferences, p.Labels)
+		}
+	}
+}
+
+func TestParkingQueue_DropsBackoffOfFailedClaimsOnly(t *testing.T) {
+	q := newQueue("test", 50*time.Millisecond, func(key string) bool { return key == "pvc/ns/failed" })
+	defer q.ShutDown()
+	q.AddRateLimited("pvc/ns/failed")
+	q.AddRateLimited("pvc/ns/waiting")
+	item, _ := q.Get()
+	if item != "pvc/ns/waiting" {
+		t.Fatalf("got %v first, want the waiting claim", item)
+	}
+	q.Done(item)
+	q.Add("pvc/ns/failed") // an event still brings it back
+	if item, _ := q.Get(); item != "pvc/ns/failed" {
+		t.Fatalf("got %v, want the failed claim after an event", item)
+	}
+	if q.Len() != 0 {
+		t.Fatalf("%d items left", q.Len())
+	}
+}
+
+func TestClaimImageIndex(t *testing.T) {
+	group := v1.GroupName
+	other := "example.com"
+	for _, tc := range []struct {
+		ref  *corev1.TypedObjectReference
+		want string
+	}{
+		{&corev1.TypedObjectReference{APIGroup: &group, Kind: "VirtualImage", Name: "a"}, "VirtualImage/ns/a"},
+		{&corev1.TypedObjectReference{APIGroup: &group, Kind: "ClusterVirtualImage", Name: "b"}, "ClusterVirtualImage//b"},
+		{&corev1.TypedObjectReference{APIGroup: &other, Kind: "VirtualImage", Name: "c"}, ""},
+		{nil, ""},
+	} {
+		pvc := &corev1.PersistentVolumeClaim{ObjectMeta: metav1.ObjectMeta{Namespace: "ns"}, Spec: corev1.PersistentVolumeClaimSpec{DataSourceRef: tc.ref}}
+		keys, _ := claimImageIndex(pvc)
+		if got := strings.Join(keys, ","); got != tc.want {
+			t.Errorf("index of %v = %q, want %q", tc.ref, got, tc.want)
+		}
+	}
+}

@@ -1,0 +1,336 @@
+package populator
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+	"sync"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/kubernetes"
+	corelisters "k8s.io/client-go/listers/core/v1"
+	"k8s.io/client-go/tools/record"
+	"k8s.io/klog/v2"
+
+	dvcrclient "vimg.dev/vimg/dvcr/client"
+	"vimg.dev/vimg/pkg/importer"
+	"vimg.dev/vimg/pkg/worker/api"
+)
+
+// worker holds what populating one claim needs; the library (VirtualImage)
+// and cluster.go (ClusterVirtualImage) call its three steps.
+type worker struct {
+	cfg      Config
+	kube     kubernetes.Interface
+	pods     corelisters.PodLister // in cfg.Namespace
+	recorder record.EventRecorder
+
+	mu sync.Mutex
+	// said is the last event message per claim UID, so that a claim
+	// waiting for its image is told once per change, not once per pass.
+	said map[types.UID]string
+}
+
+func podName(pvc *corev1.PersistentVolumeClaim) string    { return "vimg-populate-" + string(pvc.UID) }
+func secretName(pvc *corev1.PersistentVolumeClaim) string { return "vimg-populate-" + string(pvc.UID) }
+func primeName(pvc *corev1.PersistentVolumeClaim) string  { return primePrefix + string(pvc.UID) }
+
+// say records an event on the claim unless the same was said last.
+func (w *worker) say(pvc *corev1.PersistentVolumeClaim, typ, reason, msg string) {
+	w.mu.Lock()
+	same := w.said[pvc.UID] == reason+msg
+	w.said[pvc.UID] = reason + msg
+	w.mu.Unlock()
+	if !same {
+		w.recorder.Event(pvc, typ, reason, msg)
+	}
+}
+
+func (w *worker) forget(uid types.UID) {
+	w.mu.Lock()
+	delete(w.said, uid)
+	w.mu.Unlock()
+}
+
+// populate makes sure a populate pod runs for the claim, once the prime
+// claim is bound and the image can be read. It is called on every pass
+// and does nothing when there is nothing to do.
+func (w *worker) populate(ctx context.Context, pvc, prime *corev1.PersistentVolumeClaim, u *unstructured.Unstructured) error {
+	if prime == nil || prime.Annotations[AnnotationFailed] != "" {
+		return nil
+	}
+	if _, err := w.pods.Pods(w.cfg.Namespace).Get(podName(pvc)); err == nil {
+		return nil
+	} else if !apierrors.IsNotFound(err) {
+		return err
+	}
+	im := imageOf(u)
+	if why, wait := im.notUsable(w.cfg.DVCRAddress); why != "" {
+		if wait {
+			w.say(pvc, corev1.EventTypeNormal, ReasonWaitingForImage, why)
+			return nil
+		}
+		return w.fail(ctx, pvc, prime, ReasonImageNotUsable, why)
+	}
+	ref := im.ref(w.cfg.DVCRAddress)
+	meta, digest, err := w.cfg.Registry.Stat(ctx, ref)
+	if errors.Is(err, dvcrclient.ErrNotFound) {
+		w.say(pvc, corev1.EventTypeNormal, ReasonWaitingForImage, fmt.Sprintf("%s is Ready but %s is not in DVCR: waiting for the image controller to import it again", im, ref))
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("reading %s from DVCR: %w", ref, err)
+	}
+	block := pvc.Spec.VolumeMode != nil && *pvc.Spec.VolumeMode == corev1.PersistentVolumeBlock
+	capacity := claimCapacity(prime)
+	if msg := w.tooSmall(block, capacity, meta.VirtualSize); msg != "" {
+		return w.fail(ctx, pvc, prime, api.ReasonTooSmall, msg)
+	}
+	attempts, _ := strconv.Atoi(prime.Annotations[AnnotationAttempts])
+	if at, err := time.Parse(time.RFC3339, prime.Annotations[AnnotationRetryAt]); err == nil && time.Now().Before(at) {
+		return nil // the queue comes back within MaxRetryDelay
+	}
+	repo, err := importer.Repository(ref)
+	if err != nil {
+		return w.fail(ctx, pvc, prime, importer.ReasonInternal, err.Error())
+	}
+	token, err := w.cfg.Registry.PullToken(ctx, repo, w.cfg.TokenTTL)
+	if err != nil {
+		return err
+	}
+	req := api.PopulateRequest{
+		DVCR:               api.DVCRSpec{Address: w.cfg.DVCRAddress, Ref: repo + "@" + digest, Token: token, CABundle: w.cfg.DVCRCA},
+		Block:              block,
+		Capacity:           capacity,
+		FilesystemOverhead: w.cfg.FilesystemOverhead,
+		UID:                107,
+		GID:                107,
+	}
+	if err := w.ensureSecret(ctx, pvc, prime, req); err != nil {
+		return err
+	}
+	if err := w.annotate(ctx, prime, AnnotationAttempts, strconv.Itoa(attempts+1)); err != nil {
+		return err
+	}
+	pod := w.buildPod(pvc, prime, block, attempts+1)
+	if _, err := w.kube.CoreV1().Pods(w.cfg.Namespace).Create(ctx, pod, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		return fmt.Errorf("creating populate pod %s: %w", pod.Name, err)
+	}
+	w.say(pvc, corev1.EventTypeNormal, ReasonPopulating, fmt.Sprintf("Writing %s (%s, %s virtual, %s) onto the %s volume",
+		im, meta.Format, api.BytesIEC(meta.VirtualSize), digest, volumeMode(block)))
+	klog.FromContext(ctx).Info("Started populate pod", "pvc", klog.KObj(pvc), "pod", pod.Name, "image", im.String(), "digest", digest, "attempt", attempts+1)
+	return nil
+}
+
+// retryDelay is the wait before attempt n+1 after n failed ones.
+func retryDelay(n int) time.Duration {
+	return min(time.Duration(n)*15*time.Second, 2*time.Minute)
+}
+
+func volumeMode(block bool) string {
+	if block {
+		return "Block"
+	}
+	return "Filesystem"
+}
+
+// claimCapacity is the prime claim's bound capacity, else its request.
+func claimCapacity(pvc *corev1.PersistentVolumeClaim) int64 {
+	if q, ok := pvc.Status.Capacity[corev1.ResourceStorage]; ok {
+		return q.Value()
+	}
+	q := pvc.Spec.Resources.Requests[corev1.ResourceStorage]
+	return q.Value()
+}
+
+// tooSmall says why a volume of capacity bytes cannot hold the image, or
+// "" when it can. The pod checks again against what it really finds.
+func (w *worker) tooSmall(block bool, capacity, virtualSize int64) string {
+	if block {
+		if capacity < virtualSize {
+			return api.TooSmallMessage("the claim holds "+api.BytesIEC(capacity), virtualSize, virtualSize)
+		}
+		return ""
+	}
+	usable := api.UsableDiskSize(capacity, w.cfg.FilesystemOverhead)
+	if usable < virtualSize {
+		return api.TooSmallMessage(fmt.Sprintf("the Filesystem claim of %s leaves %s for %s after %.1f%% for the file system",
+			api.BytesIEC(capacity), api.BytesIEC(usable), api.DiskFile, w.cfg.FilesystemOverhead*100),
+			virtualSize, api.FilesystemClaimSize(virtualSize, w.cfg.FilesystemOverhead))
+	}
+	return ""
+}
+
+// complete reports whether the claim's volume holds the image. It copies
+// the pod's progress onto the claim, retries transient failures with a new
+// pod and gives up on permanent ones.
+func (w *worker) complete(ctx context.Context, pvc, prime *corev1.PersistentVolumeClaim) (bool, error) {
+	if prime == nil || prime.Annotations[AnnotationFailed] != "" {
+		return false, nil
+	}
+	pod, err := w.pods.Pods(w.cfg.Namespace).Get(podName(pvc))
+	if apierrors.IsNotFound(err) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	switch pod.Status.Phase {
+	case corev1.PodSucceeded:
+		out, _ := outcomeOf(pod)
+		if out.Populated == nil {
+			return false, w.fail(ctx, pvc, prime, importer.ReasonInternal, "the populate pod succeeded without a result")
+		}
+		if err := w.setProgress(ctx, pvc, "100%"); err != nil {
+			return false, err
+		}
+		w.say(pvc, corev1.EventTypeNormal, ReasonPopulated, fmt.Sprintf("The volume holds the image: %s disk (%s virtual), %s written, %s read from DVCR",
+			api.BytesIEC(out.Populated.DiskSize), api.BytesIEC(out.Populated.VirtualSize), api.BytesIEC(out.Populated.Written), api.BytesIEC(out.Populated.Read)))
+		return true, nil
+	case corev1.PodFailed:
+		out, ok := outcomeOf(pod)
+		if !ok {
+			out = api.Outcome{Reason: importer.ReasonTransient, Message: "the populate pod failed without an outcome: " + podFailure(pod)}
+		}
+		attempts, _ := strconv.Atoi(prime.Annotations[AnnotationAttempts])
+		if out.Permanent || attempts >= w.cfg.MaxAttempts {
+			msg := out.Message
+			if !out.Permanent {
+				msg = fmt.Sprintf("%s (gave up after %d attempts)", msg, attempts)
+			}
+			return false, w.fail(ctx, pvc, prime, out.Reason, msg)
+		}
+		delay := retryDelay(attempts)
+		w.say(pvc, corev1.EventTypeWarning, ReasonRetrying, fmt.Sprintf("Attempt %d of %d failed (%s: %s); trying again in %v",
+			attempts, w.cfg.MaxAttempts, out.Reason, out.Message, delay))
+		if err := w.annotate(ctx, prime, AnnotationRetryAt, time.Now().Add(delay).UTC().Format(time.RFC3339)); err != nil {
+			return false, err
+		}
+		return false, w.removePod(ctx, pvc)
+	}
+	if p, err := api.DecodeProgress(pod.Annotations[api.AnnotationProgress]); err == nil && p.Fraction >= 0 {
+		if err := w.setProgress(ctx, pvc, api.Percent(min(p.Fraction, 0.999))); err != nil {
+			return false, err
+		}
+	}
+	return false, nil
+}
+
+// fail records a permanent failure on the prime claim (where every later
+// pass finds it) and tells the user on their claim.
+func (w *worker) fail(ctx context.Context, pvc, prime *corev1.PersistentVolumeClaim, reason, msg string) error {
+	w.say(pvc, corev1.EventTypeWarning, ReasonFailed, reason+": "+msg)
+	if err := w.annotate(ctx, prime, AnnotationFailed, reason+": "+msg); err != nil {
+		return err
+	}
+	if err := w.setProgress(ctx, pvc, "Failed"); err != nil {
+		return err
+	}
+	return w.removePod(ctx, pvc)
+}
+
+// cleanup removes the pod and Secret of a claim whose population ended.
+func (w *worker) cleanup(ctx context.Context, pvc *corev1.PersistentVolumeClaim) error {
+	w.forget(pvc.UID)
+	return w.removePod(ctx, pvc)
+}
+
+func (w *worker) removePod(ctx context.Context, pvc *corev1.PersistentVolumeClaim) error {
+	err := w.kube.CoreV1().Pods(w.cfg.Namespace).Delete(ctx, podName(pvc), metav1.DeleteOptions{})
+	if err != nil && !apierrors.IsNotFound(err) {
+		return fmt.Errorf("deleting populate pod: %w", err)
+	}
+	err = w.kube.CoreV1().Secrets(w.cfg.Namespace).Delete(ctx, secretName(pvc), metav1.DeleteOptions{})
+	if err != nil && !apierrors.IsNotFound(err) {
+		return fmt.Errorf("deleting the populate request: %w", err)
+	}
+	return nil
+}
+
+func (w *worker) annotate(ctx context.Context, pvc *corev1.PersistentVolumeClaim, key, value string) error {
+	if pvc.Annotations[key] == value {
+		return nil
+	}
+	patch, _ := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": map[string]string{key: value}}})
+	if _, err := w.kube.CoreV1().PersistentVolumeClaims(pvc.Namespace).Patch(ctx, pvc.Name, types.MergePatchType, patch, metav1.PatchOptions{}); err != nil {
+		return fmt.Errorf("annotating claim %s/%s: %w", pvc.Namespace, pvc.Name, err)
+	}
+	return nil
+}
+
+func (w *worker) setProgress(ctx context.Context, pvc *corev1.PersistentVolumeClaim, v string) error {
+	err := w.annotate(ctx, pvc, AnnotationProgress, v)
+	if apierrors.IsNotFound(err) {
+		return nil
+	}
+	return err
+}
+
+func (w *worker) ensureSecret(ctx context.Context, pvc, prime *corev1.PersistentVolumeClaim, req api.PopulateRequest) error {
+	b, err := json.Marshal(req)
+	if err != nil {
+		return err
+	}
+	s := &corev1.Secret{
+		ObjectMeta: metav1.ObjectMeta{
+			Name: secretName(pvc), Namespace: w.cfg.Namespace,
+			Labels:          w.labels(pvc),
+			OwnerReferences: []metav1.OwnerReference{ownerRef(prime)},
+		},
+		Data: map[string][]byte{api.RequestFile: b},
+	}
+	_, err = w.kube.CoreV1().Secrets(w.cfg.Namespace).Create(ctx, s, metav1.CreateOptions{})
+	if apierrors.IsAlreadyExists(err) {
+		// A request left by an earlier pass may hold an expired token.
+		_, err = w.kube.CoreV1().Secrets(w.cfg.Namespace).Update(ctx, s, metav1.UpdateOptions{})
+	}
+	if err != nil {
+		return fmt.Errorf("writing the populate request: %w", err)
+	}
+	return nil
+}
+
+func (w *worker) labels(pvc *corev1.PersistentVolumeClaim) map[string]string {
+	return map[string]string{
+		LabelClaimUID:               string(pvc.UID),
+		LabelClaimNamespace:         pvc.Namespace,
+		LabelClaimName:              pvc.Name,
+		LabelComponent:              componentPopulate,
+		"app.kubernetes.io/part-of": "vimg",
+	}
+}
+
+// ownerRef makes the prime claim own the pod and Secret, so that they go
+// with it whoever deletes it.
+func ownerRef(prime *corev1.PersistentVolumeClaim) metav1.OwnerReference {
+	return metav1.OwnerReference{APIVersion: "v1", Kind: "PersistentVolumeClaim", Name: prime.Name, UID: prime.UID}
+}
+
+func outcomeOf(pod *corev1.Pod) (api.Outcome, bool) {
+	for _, s := range pod.Status.ContainerStatuses {
+		if t := s.State.Terminated; t != nil && t.Message != "" {
+			o, err := api.DecodeOutcome(t.Message)
+			return o, err == nil
+		}
+	}
+	return api.Outcome{}, false
+}
+
+func podFailure(pod *corev1.Pod) string {
+	for _, s := range pod.Status.ContainerStatuses {
+		if t := s.State.Terminated; t != nil {
+			return fmt.Sprintf("exit code %d (%s)", t.ExitCode, t.Reason)
+		}
+	}
+	if pod.Status.Message != "" {
+		return pod.Status.Message
+	}
+	return string(pod.Status.Phase)
+}
