@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Deploys vimg into the local cluster, the way an installation does it:
-# our one image (vimg, dvcr, vimg-controller) is built here and imported
+# our one image (vimg, dvcr, vimg-controller, vimg-populator) is built here and imported
 # into the node's containerd, then `kubectl apply -k deploy` runs with the
 # image tag set to the content hash of the binaries, so a changed build
 # always rolls out and an unchanged one is a no-op.
@@ -35,10 +35,10 @@ fi
 cd "$REPO"
 make --no-print-directory build >&2
 mkdir -p "$IMAGES" "$OVERLAY"
-tag=$(cat bin/vimg bin/dvcr bin/vimg-controller | sha256sum | cut -c1-16)
+tag=$(cat bin/vimg bin/dvcr bin/vimg-controller bin/vimg-populator | sha256sum | cut -c1-16)
 # The worker fetches HTTPS sources, so the image carries the CA roots.
 "$BIN/imgtool" -ref "$IMAGE:$tag" -out "$IMAGES/vimg.tar" -user 65532:65532 \
-	-file bin/vimg:/usr/bin/vimg -file bin/dvcr:/usr/bin/dvcr -file bin/vimg-controller:/usr/bin/vimg-controller \
+	-file bin/vimg:/usr/bin/vimg -file bin/dvcr:/usr/bin/dvcr -file bin/vimg-controller:/usr/bin/vimg-controller -file bin/vimg-populator:/usr/bin/vimg-populator \
 	-file /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt -entrypoint /usr/bin/vimg
 ctr --address "$CTR_SOCK" -n k8s.io images import "$IMAGES/vimg.tar" >/dev/null
 log "loaded $IMAGE:$tag"
@@ -65,8 +65,13 @@ patches:
   patch: |-
     - {op: add, path: /spec/template/spec/containers/0/args/-, value: "--upload-external-url=https://$NODE_IP:$UPLOAD_NODE_PORT"}
 YAML
+# CRDs first: deploy/ also holds objects of kinds they define
+# (VolumePopulator), which a single apply cannot map before they exist.
+kubectl_lab apply -f "$REPO/deploy/crds" >&2
+kubectl_lab wait --for condition=established --timeout=60s -f "$REPO/deploy/crds" >&2
 kubectl_lab apply -k "$OVERLAY" >&2
 kubectl_lab -n vimg-system rollout status deploy/vimg-controller --timeout=180s >&2
 kubectl_lab -n vimg-system rollout status deploy/vimg-dvcr --timeout=180s >&2
+kubectl_lab -n vimg-system rollout status deploy/vimg-populator --timeout=180s >&2
 kubectl_lab -n vimg-system rollout status deploy/vimg-upload --timeout=180s >&2
 log "vimg is deployed (image $IMAGE:$tag)"
