@@ -2,8 +2,9 @@
 # The main job, end to end, on the local cluster: vimg deployed the way an
 # installation is, a disk image made with qemu-img served over HTTP from
 # this machine and imported into DVCR as a VirtualImage, a Debian ISO
-# uploaded with `vimg upload` as a ClusterVirtualImage, and a copy of it
-# made inside DVCR.
+# uploaded with `vimg upload` as a ClusterVirtualImage, a copy of it made
+# inside DVCR, and a Block PersistentVolumeClaim filled from the
+# VirtualImage by the volume populator, read by a pod.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -71,3 +72,53 @@ kubectl_lab get cvi -o wide
 echo
 kubectl_lab get vi -n vimg-demo cirros-like -o jsonpath='{.status}' | head -c 2000; echo
 case "$phases" in *Failed*) die "an image failed" ;; esac
+
+# A claim filled from the image, as a VM's disk would be: a Block volume of
+# any class whose dataSourceRef names the VirtualImage. The first consumer
+# (a pod reading the disk's first bytes) picks the node.
+kubectl_lab -n vimg-demo delete pod disk-reader --ignore-not-found >/dev/null
+kubectl_lab apply -f - <<YAML
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata:
+  name: cirros-like-disk
+  namespace: vimg-demo
+spec:
+  storageClassName: local-wffc
+  volumeMode: Block
+  accessModes: [ReadWriteOnce]
+  resources: {requests: {storage: 300Mi}}
+  dataSourceRef:
+    apiGroup: virtualization.deckhouse.io
+    kind: VirtualImage
+    name: cirros-like
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: disk-reader
+  namespace: vimg-demo
+spec:
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: read
+    image: localhost/vimg-lab/busybox:1.35
+    imagePullPolicy: Never
+    command: [/bin/sh, -c, 'echo "disk: \$(blockdev --getsize64 /dev/xvda) bytes, first bytes:"; head -c 16 /dev/xvda | od -An -tx1']
+    volumeDevices: [{name: disk, devicePath: /dev/xvda}]
+  volumes:
+  - name: disk
+    persistentVolumeClaim: {claimName: cirros-like-disk}
+YAML
+for i in $(seq 1 180); do
+	phase=$(kubectl_lab -n vimg-demo get pod disk-reader -o jsonpath='{.status.phase}')
+	case "$phase" in Succeeded | Failed) break ;; esac
+	sleep 1
+done
+echo
+echo "== kubectl -n vimg-demo get pvc (filled by the populator)"
+kubectl_lab -n vimg-demo get pvc -o wide
+kubectl_lab -n vimg-demo get pvc cirros-like-disk -o jsonpath='{.metadata.annotations.vimg\.dev/populate-progress}{"\n"}'
+kubectl_lab -n vimg-demo logs disk-reader
+[ "$phase" = Succeeded ] || die "the disk reader did not succeed (pod phase ${phase:-unknown})"
