@@ -108,6 +108,10 @@ bench: build ## vimg convert vs qemu-img convert side by side (throughput, RSS, 
 bench-dvcr: build ## push/pull of a 2 GiB disk file through DVCR (TLS, loopback) vs cp on the same disk
 	$(GO) run ./tests/bench/dvcr -dvcr $(BIN)/dvcr
 
+.PHONY: bench-populate
+bench-populate: build ## HTTP qcow2 (2 GiB, zlib) → volume: vimg (through DVCR, and straight) vs download + qemu-img convert
+	$(GO) run ./tests/bench/populate -dvcr $(BIN)/dvcr
+
 .PHONY: bench-go
 bench-go: ## Micro-benchmarks (go test -bench)
 	$(GO) test -run '^$$' -bench . -benchmem ./pkg/...

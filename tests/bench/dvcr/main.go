@@ -14,32 +14,23 @@ package main
 
 import (
 	"context"
-	"crypto/rand"
-	"crypto/tls"
-	"crypto/x509"
-	"encoding/base64"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
 	mrand "math/rand/v2"
-	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime/pprof"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"time"
 
-	"golang.org/x/crypto/bcrypt"
-
 	"vimg.dev/vimg/dvcr/client"
 	"vimg.dev/vimg/dvcr/layout"
-	"vimg.dev/vimg/pkg/selfsigned"
+	"vimg.dev/vimg/tests/bench/internal/benchdvcr"
 )
 
 func main() {
@@ -71,13 +62,13 @@ func main() {
 	}
 	n := st.Size()
 
-	srv, err := startDVCR(*dvcr, *dir, *plain)
+	srv, err := benchdvcr.Start(*dvcr, *dir, *plain)
 	if err != nil {
 		fatal(err)
 	}
-	defer srv.stop()
+	defer srv.Stop()
 
-	c, err := client.New(srv.addr, client.Options{Username: "bench", Password: srv.password, CABundle: srv.ca, PlainHTTP: *plain})
+	c, err := client.New(srv.Addr, client.Options{Username: benchdvcr.User, Password: srv.Password, CABundle: srv.CA, PlainHTTP: *plain})
 	if err != nil {
 		fatal(err)
 	}
@@ -135,10 +126,10 @@ func main() {
 				os.Remove(pulled) // kept from the last pull to disk for the check below
 			}
 			if op.name == "push" {
-				srv.reset()
+				srv.Reset()
 			}
 			syscall.Sync()
-			c0, s0 := selfCPU(), procCPU(srv.cmd.Process.Pid)
+			c0, s0 := benchdvcr.SelfCPU(false), srv.CPU()
 			start := time.Now()
 			if err := op.fn(); err != nil {
 				fatal(fmt.Errorf("%s: %w", op.name, err))
@@ -146,7 +137,7 @@ func main() {
 			d := time.Since(start)
 			if b, ok := best[op.name]; !ok || d < b {
 				best[op.name] = d
-				cpu[op.name] = [2]time.Duration{selfCPU() - c0, procCPU(srv.cmd.Process.Pid) - s0}
+				cpu[op.name] = [2]time.Duration{benchdvcr.SelfCPU(false) - c0, srv.CPU() - s0}
 			}
 		}
 	}
@@ -321,125 +312,6 @@ func sameFile(a, b string) error {
 		return fmt.Errorf("the pulled file differs from the input: %v: %s", err, out)
 	}
 	return nil
-}
-
-// selfCPU is this process's user+system CPU time.
-func selfCPU() time.Duration {
-	var ru syscall.Rusage
-	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-}
-
-// procCPU is another process's user+system CPU time, from /proc (clock
-// ticks of 10 ms).
-func procCPU(pid int) time.Duration {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0
-	}
-	// Fields after the command name, which is in parentheses.
-	f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+1:]))
-	if len(f) < 13 {
-		return 0
-	}
-	u, _ := strconv.ParseInt(f[11], 10, 64)
-	s, _ := strconv.ParseInt(f[12], 10, 64)
-	return time.Duration(u+s) * 10 * time.Millisecond
-}
-
-type server struct {
-	storage  string
-	cmd      *exec.Cmd
-	addr     string
-	password string
-	ca       []byte
-}
-
-// startDVCR runs the dvcr binary with a fresh TLS certificate, one admin
-// user and a token key, on a free loopback port, and waits until it is
-// ready.
-func startDVCR(bin, dir string, plain bool) (*server, error) {
-	cert, key, err := selfsigned.Loopback("dvcr-bench")
-	if err != nil {
-		return nil, err
-	}
-	pw := base64.RawURLEncoding.EncodeToString(randomBytes(18))
-	hash, err := bcrypt.GenerateFromPassword([]byte(pw), bcrypt.MinCost)
-	if err != nil {
-		return nil, err
-	}
-	files := map[string][]byte{
-		"tls.crt":   cert,
-		"tls.key":   key,
-		"users":     []byte("admin:bench:" + string(hash) + "\n"),
-		"token.key": []byte(base64.StdEncoding.EncodeToString(randomBytes(32)) + "\n"),
-	}
-	for name, data := range files {
-		if err := os.WriteFile(filepath.Join(dir, name), data, 0o600); err != nil {
-			return nil, err
-		}
-	}
-	storage := filepath.Join(dir, "storage")
-	if err := os.RemoveAll(storage); err != nil {
-		return nil, err
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return nil, err
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	args := []string{"--listen", addr, "--storage-root", storage, "--users-file", filepath.Join(dir, "users"),
-		"--token-key-file", filepath.Join(dir, "token.key")}
-	scheme := "https"
-	if plain {
-		args = append(args, "--insecure-http")
-		scheme = "http"
-	} else {
-		args = append(args, "--tls-cert-file", filepath.Join(dir, "tls.crt"), "--tls-key-file", filepath.Join(dir, "tls.key"))
-	}
-	cmd := exec.Command(bin, args...)
-	cmd.Stderr, err = os.Create(filepath.Join(dir, "dvcr.log"))
-	if err != nil {
-		return nil, err
-	}
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("starting %s: %w", bin, err)
-	}
-	s := &server{storage: storage, cmd: cmd, addr: addr, password: pw, ca: cert}
-	pool := x509.NewCertPool()
-	pool.AppendCertsFromPEM(cert)
-	hc := &http.Client{Timeout: time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
-	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
-		resp, err := hc.Get(scheme + "://" + addr + "/readyz")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return s, nil
-			}
-		}
-	}
-	s.stop()
-	return nil, fmt.Errorf("dvcr did not become ready on %s (log: %s)", addr, filepath.Join(dir, "dvcr.log"))
-}
-
-// reset removes what earlier pushes stored (the registry keeps no cache),
-// so that every push writes new files, as cp does.
-func (s *server) reset() {
-	os.RemoveAll(filepath.Join(s.storage, "docker"))
-}
-
-func (s *server) stop() {
-	s.cmd.Process.Signal(syscall.SIGTERM)
-	s.cmd.Wait()
-}
-
-func randomBytes(n int) []byte {
-	b := make([]byte, n)
-	if _, err := rand.Read(b); err != nil {
-		panic(err)
-	}
-	return b
 }
 
 func fatal(err error) {
