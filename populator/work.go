@@ -101,6 +101,13 @@ func (w *worker) populate(ctx context.Context, pvc, prime *corev1.PersistentVolu
 	if err != nil {
 		return w.fail(ctx, pvc, prime, importer.ReasonInternal, err.Error())
 	}
+	// The cache may not have seen a pod made by the previous pass yet:
+	// ask the API server before counting another attempt.
+	if _, err := w.kube.CoreV1().Pods(w.cfg.Namespace).Get(ctx, podName(pvc), metav1.GetOptions{}); err == nil {
+		return nil
+	} else if !apierrors.IsNotFound(err) {
+		return fmt.Errorf("looking for populate pod %s: %w", podName(pvc), err)
+	}
 	token, err := w.cfg.Registry.PullToken(ctx, repo, w.cfg.TokenTTL)
 	if err != nil {
 		return err
