@@ -112,7 +112,9 @@ func populate(ctx context.Context, cfg PopulateConfig) api.Outcome {
 	if err == nil {
 		err = t.finish()
 	}
-	rep.report(api.Progress{Fraction: 1, SourceRead: src.Size(), SourceTotal: src.Size()})
+	if err == nil {
+		rep.report(api.Progress{Fraction: 1, SourceRead: src.Size(), SourceTotal: src.Size()})
+	}
 	stop()
 	if err != nil {
 		var e *importer.Error
