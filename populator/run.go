@@ -133,13 +133,9 @@ func Run(ctx context.Context, cfg Config, rc *rest.Config, kubeconfig string) er
 	podFactory.Start(ctx.Done())
 	factory.Start(ctx.Done())
 	dynFactory.Start(ctx.Done())
-	for _, ok := range []bool{
-		cache.WaitForCacheSync(ctx.Done(), pods.Informer().HasSynced, pvcs.Informer().HasSynced, scs.Informer().HasSynced,
-			vis.Informer().HasSynced, cvis.Informer().HasSynced),
-	} {
-		if !ok {
-			return fmt.Errorf("populator: informers did not sync: %w", context.Cause(ctx))
-		}
+	if !cache.WaitForCacheSync(ctx.Done(), pods.Informer().HasSynced, pvcs.Informer().HasSynced, scs.Informer().HasSynced,
+		vis.Informer().HasSynced, cvis.Informer().HasSynced) {
+		return fmt.Errorf("populator: informers did not sync: %w", context.Cause(ctx))
 	}
 
 	// lib-volume-populator handles VirtualImage claims. It stops on
