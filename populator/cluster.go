@@ -129,7 +129,7 @@ func (c *claims) populate(ctx context.Context, pvc *corev1.PersistentVolumeClaim
 		if name := pvc.Spec.StorageClassName; name != nil {
 			sc, err := c.scs.Get(*name)
 			if apierrors.IsNotFound(err) {
-				c.w.say(pvc, corev1.EventTypeWarning, ReasonWaitingForImage, "StorageClass "+*name+" does not exist")
+				c.w.say(pvc, corev1.EventTypeWarning, ReasonWaitingForStorageClass, "StorageClass "+*name+" does not exist; the claim is filled once it does")
 				return errNotDone
 			}
 			if err != nil {

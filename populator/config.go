@@ -58,11 +58,14 @@ const (
 // Event reasons on user claims.
 const (
 	ReasonWaitingForImage = "WaitingForImage"
-	ReasonImageNotUsable  = "ImageNotUsable"
-	ReasonPopulating      = "Populating"
-	ReasonPopulated       = "Populated"
-	ReasonRetrying        = "PopulateRetrying"
-	ReasonFailed          = "PopulateFailed"
+	// ReasonWaitingForStorageClass: a ClusterVirtualImage claim names a
+	// class that does not exist (the library says nothing in that case).
+	ReasonWaitingForStorageClass = "WaitingForStorageClass"
+	ReasonImageNotUsable         = "ImageNotUsable"
+	ReasonPopulating             = "Populating"
+	ReasonPopulated              = "Populated"
+	ReasonRetrying               = "PopulateRetrying"
+	ReasonFailed                 = "PopulateFailed"
 )
 
 // Config is what the populator is given.
