@@ -56,8 +56,8 @@ func run() error {
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		return err
 	}
-	if cfg.FilesystemOverhead < 0 || cfg.FilesystemOverhead > 0.5 {
-		return fmt.Errorf("--filesystem-overhead %v: want 0..0.5", cfg.FilesystemOverhead)
+	if cfg.FilesystemOverhead <= 0 || cfg.FilesystemOverhead > 0.5 {
+		return fmt.Errorf("--filesystem-overhead %v: want a fraction above 0 and at most 0.5", cfg.FilesystemOverhead)
 	}
 	cfg.WorkerImagePullPolicy = corev1.PullPolicy(pullPolicy)
 	var err error
