@@ -21,25 +21,8 @@ const qemuID = 107
 // is configured to follow the security context), so that pod runs as root
 // — with every capability dropped: owning the node is all it needs.
 func (w *worker) buildPod(pvc, prime *corev1.PersistentVolumeClaim, block bool, attempt int) *corev1.Pod {
-	c := corev1.Container{
-		Name:            "populate",
-		Image:           w.cfg.WorkerImage,
-		ImagePullPolicy: w.cfg.WorkerImagePullPolicy,
-		Command:         []string{"/usr/bin/vimg", "worker", "populate"},
-		Env: []corev1.EnvVar{
-			{Name: "POD_NAME", ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{FieldPath: "metadata.name"}}},
-			{Name: "POD_NAMESPACE", ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{FieldPath: "metadata.namespace"}}},
-		},
-		VolumeMounts:             []corev1.VolumeMount{{Name: "request", MountPath: api.PopulateRequestDir, ReadOnly: true}},
-		Resources:                w.cfg.WorkerResources,
-		TerminationMessagePath:   api.TerminationMessagePath,
-		TerminationMessagePolicy: corev1.TerminationMessageReadFile,
-		SecurityContext: &corev1.SecurityContext{
-			AllowPrivilegeEscalation: ptr.To(false),
-			ReadOnlyRootFilesystem:   ptr.To(true),
-			Capabilities:             &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}},
-		},
-	}
+	c := api.Container("populate", w.cfg.WorkerImage, w.cfg.WorkerImagePullPolicy, "populate", w.cfg.WorkerResources)
+	c.VolumeMounts = []corev1.VolumeMount{{Name: "request", MountPath: api.PopulateRequestDir, ReadOnly: true}}
 	psc := &corev1.PodSecurityContext{SeccompProfile: &corev1.SeccompProfile{Type: corev1.SeccompProfileTypeRuntimeDefault}}
 	if block {
 		c.VolumeDevices = []corev1.VolumeDevice{{Name: "target", DevicePath: api.PopulateDevicePath}}

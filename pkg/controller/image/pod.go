@@ -168,6 +168,15 @@ func (r *Reconciler) workerObjects(o object, req api.Request, attempt int) (*cor
 		Data:       map[string][]byte{api.RequestFile: body},
 	}
 	gen := strconv.FormatInt(o.GetGeneration(), 10)
+	c := api.Container("import", r.cfg.WorkerImage, r.cfg.WorkerImagePullPolicy, "import", r.cfg.WorkerResources)
+	c.Args = []string{"--request", api.RequestDir + "/" + api.RequestFile}
+	// Go reads system roots from the image's bundle and from every file in
+	// these directories.
+	c.Env = append(c.Env, corev1.EnvVar{Name: "SSL_CERT_DIR", Value: "/etc/ssl/certs:" + trustedCADir})
+	c.VolumeMounts = []corev1.VolumeMount{
+		{Name: "request", MountPath: api.RequestDir, ReadOnly: true},
+		{Name: "trusted-ca", MountPath: trustedCADir, ReadOnly: true},
+	}
 	pod := &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{
 			Name: podName(o, attempt), Namespace: r.cfg.Namespace, Labels: labels,
@@ -185,32 +194,7 @@ func (r *Reconciler) workerObjects(o object, req api.Request, attempt int) (*cor
 				FSGroup:        ptr.To[int64](65532),
 				SeccompProfile: &corev1.SeccompProfile{Type: corev1.SeccompProfileTypeRuntimeDefault},
 			},
-			Containers: []corev1.Container{{
-				Name:            "import",
-				Image:           r.cfg.WorkerImage,
-				ImagePullPolicy: r.cfg.WorkerImagePullPolicy,
-				Command:         []string{"/usr/bin/vimg", "worker", "import"},
-				Args:            []string{"--request", api.RequestDir + "/" + api.RequestFile},
-				Env: []corev1.EnvVar{
-					{Name: "POD_NAME", ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{FieldPath: "metadata.name"}}},
-					{Name: "POD_NAMESPACE", ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{FieldPath: "metadata.namespace"}}},
-					// Go reads system roots from the image's bundle and
-					// from every file in these directories.
-					{Name: "SSL_CERT_DIR", Value: "/etc/ssl/certs:" + trustedCADir},
-				},
-				Resources:                r.cfg.WorkerResources,
-				TerminationMessagePath:   api.TerminationMessagePath,
-				TerminationMessagePolicy: corev1.TerminationMessageReadFile,
-				SecurityContext: &corev1.SecurityContext{
-					AllowPrivilegeEscalation: ptr.To(false),
-					ReadOnlyRootFilesystem:   ptr.To(true),
-					Capabilities:             &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}},
-				},
-				VolumeMounts: []corev1.VolumeMount{
-					{Name: "request", MountPath: api.RequestDir, ReadOnly: true},
-					{Name: "trusted-ca", MountPath: trustedCADir, ReadOnly: true},
-				},
-			}},
+			Containers: []corev1.Container{c},
 			Volumes: []corev1.Volume{{
 				Name:         "request",
 				VolumeSource: corev1.VolumeSource{Secret: &corev1.SecretVolumeSource{SecretName: sec.Name, DefaultMode: ptr.To[int32](0o440)}},
