@@ -82,18 +82,14 @@ func monotonicPercent(cur string, fraction float64) string {
 	return api.Percent(f)
 }
 
-// iecSize renders bytes the way kubectl shows quantities: "285.7Mi".
+// iecSize renders bytes the way kubectl shows quantities, with one
+// decimal: "285.7Mi", "512B".
 func iecSize(n int64) string {
-	const unit = 1024
-	if n < unit {
+	v, unit := api.IEC(n)
+	if unit == "" {
 		return strconv.FormatInt(n, 10) + "B"
 	}
-	v, i := float64(n), 0
-	for v >= unit && i < 6 {
-		v /= unit
-		i++
-	}
-	return strconv.FormatFloat(v, 'f', 1, 64) + []string{"", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"}[i]
+	return strconv.FormatFloat(v, 'f', 1, 64) + unit
 }
 
 func iecSpeed(bps int64) string { return iecSize(bps) + "/s" }

@@ -86,17 +86,24 @@ func TooSmallMessage(have string, size, need int64) string {
 		have, BytesIEC(size), size, BytesIEC(need), need)
 }
 
-// BytesIEC renders a size the way kubectl shows quantities: "1.5Gi".
+// BytesIEC renders a size the way kubectl shows quantities, in as few
+// digits as it needs: "1.5Gi", "64Mi"; "512 bytes" below 1Ki.
 func BytesIEC(n int64) string {
-	units := []string{"", "Ki", "Mi", "Gi", "Ti", "Pi"}
-	f := float64(n)
-	i := 0
-	for f >= 1024 && i < len(units)-1 {
-		f /= 1024
-		i++
-	}
-	if i == 0 {
+	v, unit := IEC(n)
+	if unit == "" {
 		return fmt.Sprintf("%d bytes", n)
 	}
-	return fmt.Sprintf("%.4g%s", f, units[i])
+	return fmt.Sprintf("%.4g%s", v, unit)
+}
+
+// IEC scales n bytes to the largest binary unit it reaches: 1536 is 1.5
+// "Ki"; below 1024 the unit is "".
+func IEC(n int64) (float64, string) {
+	units := []string{"", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"}
+	v, i := float64(n), 0
+	for v >= 1024 && i < len(units)-1 {
+		v /= 1024
+		i++
+	}
+	return v, units[i]
 }
