@@ -3,7 +3,6 @@ package worker
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"encoding/pem"
 	"net/http/httptest"
 	"os"
@@ -91,12 +90,7 @@ func TestRun_ImportsAnUploadedBlob(t *testing.T) {
 		Source: api.SourceSpec{Type: api.SourceDVCRBlob, URL: desc.Digest.String(), Size: desc.Size},
 		DVCR:   api.DVCRSpec{Address: reg.address, Ref: ref, Token: reg.token, CABundle: reg.ca},
 	}
-	b, _ := json.Marshal(req)
-	path := filepath.Join(t.TempDir(), api.RequestFile)
-	if err := os.WriteFile(path, b, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	out := run(context.Background(), Config{RequestPath: path})
+	out := run(context.Background(), Config{RequestPath: writeRequest(t, req)})
 	if out.Result == nil {
 		t.Fatalf("import of an uploaded blob failed: %+v", out)
 	}

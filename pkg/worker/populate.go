@@ -24,10 +24,14 @@ import (
 
 // PopulateConfig wires a populate run: Config's pod and reporting fields,
 // plus where the volume is (the api paths in a pod; tests point them at
-// files).
+// files) and, for a request FromSource, the import request naming the
+// source.
 type PopulateConfig struct {
 	Config
 	DevicePath, MountPath string
+	// SourceRequestPath is the import request (api.Request) a request
+	// FromSource writes the source of; RequestDir/RequestFile by default.
+	SourceRequestPath string
 }
 
 // Populate writes the image a populate request names onto the volume and
@@ -39,15 +43,10 @@ func Populate(ctx context.Context, cfg PopulateConfig) error {
 	if cfg.MountPath == "" {
 		cfg.MountPath = api.PopulateMountPath
 	}
-	out := populate(ctx, cfg)
-	record(ctx, cfg.Config, out)
-	if out.Populated == nil {
-		klog.FromContext(ctx).Info("Populating failed", "reason", out.Reason, "message", out.Message, "permanent", out.Permanent)
-		return fmt.Errorf("%s: %s", out.Reason, out.Message)
+	if cfg.SourceRequestPath == "" {
+		cfg.SourceRequestPath = api.RequestDir + "/" + api.RequestFile
 	}
-	klog.FromContext(ctx).Info("Volume populated", "virtualSize", out.Populated.VirtualSize,
-		"diskSize", out.Populated.DiskSize, "written", out.Populated.Written, "read", out.Populated.Read)
-	return nil
+	return conclude(ctx, cfg.Config, populate(ctx, cfg), "Volume populated", "Populating failed")
 }
 
 // record writes an outcome into the termination message.
@@ -64,6 +63,9 @@ func populate(ctx context.Context, cfg PopulateConfig) api.Outcome {
 	req, err := readPopulateRequest(cfg.RequestPath)
 	if err != nil {
 		return api.Outcome{Reason: importer.ReasonInternal, Message: err.Error(), Permanent: true}
+	}
+	if req.FromSource {
+		return populateFromSource(ctx, cfg, req)
 	}
 	dvcr, err := client.New(req.DVCR.Address, client.Options{
 		Token:     req.DVCR.Token,
@@ -92,30 +94,7 @@ func populate(ctx context.Context, cfg PopulateConfig) api.Outcome {
 	}, source.RangeOptions{})
 	defer src.Close()
 
-	t := &volume{cfg: cfg, req: req}
-	rep := newReporter(cfg.Config)
-	stop := rep.start(ctx)
-	began := time.Now()
-	res, err := diskimage.Convert(ctx, src, diskimage.Options{
-		OpenTarget: t.open,
-		Progress: func(p diskimage.Progress) {
-			secs := max(time.Since(began).Seconds(), 0.001)
-			rep.report(api.Progress{Fraction: p.Fraction, SourceRead: p.SourceRead, SourceTotal: p.SourceTotal,
-				AvgSpeed: int64(float64(p.SourceRead) / secs)})
-		},
-	})
-	if t.target != nil {
-		if cerr := t.target.Close(); err == nil && cerr != nil {
-			err = fmt.Errorf("closing the volume: %w", cerr)
-		}
-	}
-	if err == nil {
-		err = t.finish()
-	}
-	if err == nil {
-		rep.report(api.Progress{Fraction: 1, SourceRead: src.Size(), SourceTotal: src.Size()})
-	}
-	stop()
+	res, err := (&volume{cfg: cfg, req: req}).fill(ctx, src, nil)
 	if err != nil {
 		var e *importer.Error
 		if errors.As(err, &e) {
@@ -128,12 +107,24 @@ func populate(ctx context.Context, cfg PopulateConfig) api.Outcome {
 		// the registry or the volume, worth another attempt.
 		return api.Outcome{Reason: importer.ReasonTransient, Message: err.Error()}
 	}
-	return api.Outcome{Populated: &api.PopulateResult{
-		VirtualSize: res.Info.VirtualSize,
-		DiskSize:    t.target.Size(),
-		Written:     res.Written,
-		Read:        res.SourceRead,
-	}}
+	return api.Outcome{Populated: res}
+}
+
+// populateFromSource writes the source of the import request at
+// cfg.SourceRequestPath onto the volume, checking its checksum. Unlike an
+// image in DVCR, the source was never validated: what is wrong with it is
+// classified as for an import.
+func populateFromSource(ctx context.Context, cfg PopulateConfig, req api.PopulateRequest) api.Outcome {
+	o, err := openRequest(ctx, cfg.SourceRequestPath, "vimg-populate/", false)
+	if err != nil {
+		return failure(err)
+	}
+	defer o.src.Close()
+	res, err := (&volume{cfg: cfg, req: req}).fill(ctx, o.src, o.checksum)
+	if err != nil {
+		return failure(err)
+	}
+	return api.Outcome{Populated: res}
 }
 
 func readPopulateRequest(path string) (api.PopulateRequest, error) {
@@ -145,7 +136,7 @@ func readPopulateRequest(path string) (api.PopulateRequest, error) {
 	if err := json.Unmarshal(b, &r); err != nil {
 		return api.PopulateRequest{}, fmt.Errorf("parsing the populate request: %w", err)
 	}
-	if r.DVCR.Address == "" || r.DVCR.Ref == "" {
+	if !r.FromSource && (r.DVCR.Address == "" || r.DVCR.Ref == "") {
 		return api.PopulateRequest{}, errors.New("the populate request names no DVCR address or reference")
 	}
 	if r.FilesystemOverhead < 0 || r.FilesystemOverhead > 0.5 {
@@ -162,8 +153,53 @@ type volume struct {
 	target sink.Target
 }
 
+// fill converts src onto the volume, checking sum if set, reporting
+// progress on the pod, and describes what it wrote.
+func (v *volume) fill(ctx context.Context, src source.Source, sum *diskimage.Checksum) (*api.PopulateResult, error) {
+	rep := newReporter(v.cfg.Config)
+	stop := rep.start(ctx)
+	began := time.Now()
+	res, err := diskimage.Convert(ctx, src, diskimage.Options{
+		OpenTarget: v.open,
+		Checksum:   sum,
+		Progress: func(p diskimage.Progress) {
+			secs := max(time.Since(began).Seconds(), 0.001)
+			rep.report(api.Progress{Fraction: p.Fraction, SourceRead: p.SourceRead, SourceTotal: p.SourceTotal,
+				AvgSpeed: int64(float64(p.SourceRead) / secs)})
+		},
+	})
+	if v.target != nil {
+		if cerr := v.target.Close(); err == nil && cerr != nil {
+			err = fmt.Errorf("closing the volume: %w", cerr)
+		}
+	}
+	if err == nil {
+		err = v.finish()
+	}
+	if err != nil {
+		stop()
+		return nil, err
+	}
+	read := sourceSize(src.Size(), res.SourceRead)
+	rep.report(api.Progress{Fraction: 1, SourceRead: read, SourceTotal: read})
+	stop()
+	return &api.PopulateResult{
+		VirtualSize:    res.Info.VirtualSize,
+		DiskSize:       v.target.Size(),
+		Written:        res.Written,
+		Read:           res.SourceRead,
+		Format:         string(res.Info.Format),
+		CDROM:          res.Info.CDROM,
+		SourceSize:     sourceSize(res.Info.FileSize, res.SourceRead),
+		SourceChecksum: res.Digest,
+	}, nil
+}
+
+// open opens the volume for a disk of size bytes, or of a size known only
+// at its end (-1: raw data decompressed from a source; never an image in
+// DVCR), which then gets the whole volume.
 func (v *volume) open(size int64) (diskimage.Target, error) {
-	if size < 0 {
+	if size < 0 && !v.req.FromSource {
 		// Images in DVCR always have a known size; a raw stream of
 		// unknown length never reaches a populate pod.
 		return nil, &importer.Error{Reason: importer.ReasonInternal, Message: "the image's size is unknown", Permanent: true}
@@ -176,29 +212,56 @@ func (v *volume) open(size int64) (diskimage.Target, error) {
 		if err != nil {
 			return nil, fmt.Errorf("opening the volume: %w", err)
 		}
+		have := fmt.Sprintf("the block volume holds %s", api.BytesIEC(t.Size()))
 		if t.Size() < size {
 			t.Close()
-			return nil, tooSmall(fmt.Sprintf("the block volume holds %s", api.BytesIEC(t.Size())), size, size)
+			return nil, tooSmall(have, size, size)
 		}
-		v.target = t
-		return t, nil
+		return v.keep(t, size, have), nil
 	}
 	v.path = filepath.Join(v.cfg.MountPath, api.DiskFile)
 	usable, err := v.usable()
 	if err != nil {
 		return nil, err
 	}
+	have := fmt.Sprintf("the file system volume leaves %s for %s (%s less %.1f%% for the file system)",
+		api.BytesIEC(usable), api.DiskFile, api.BytesIEC(v.req.Capacity), v.req.FilesystemOverhead*100)
 	if usable < size {
-		need := api.FilesystemClaimSize(size, v.req.FilesystemOverhead)
-		return nil, tooSmall(fmt.Sprintf("the file system volume leaves %s for %s (%s less %.1f%% for the file system)",
-			api.BytesIEC(usable), api.DiskFile, api.BytesIEC(v.req.Capacity), v.req.FilesystemOverhead*100), size, need)
+		return nil, tooSmall(have, size, api.FilesystemClaimSize(size, v.req.FilesystemOverhead))
 	}
 	t, err := sink.Open(v.path, usable)
 	if err != nil {
 		return nil, fmt.Errorf("creating %s on the volume: %w", api.DiskFile, err)
 	}
+	return v.keep(t, size, have), nil
+}
+
+// keep keeps t, the volume open for a disk of size bytes, and returns
+// the target to write: a disk of unknown size that outgrows the volume
+// fails as too small (have says what the volume holds), not as a write out
+// of range.
+func (v *volume) keep(t sink.Target, size int64, have string) diskimage.Target {
 	v.target = t
-	return t, nil
+	if size >= 0 {
+		return t
+	}
+	return growing{Target: t, have: have}
+}
+
+// growing is a volume written with a disk of unknown size. It has no
+// Truncate: the disk keeps the volume's size.
+type growing struct {
+	sink.Target
+	have string
+}
+
+func (g growing) WriteAt(p []byte, off int64) (int, error) {
+	if end := off + int64(len(p)); end > g.Size() {
+		return 0, &importer.Error{Reason: api.ReasonTooSmall, Permanent: true, Message: fmt.Sprintf(
+			"%s but the image, whose size shows only once it is read whole, is larger (%s at least): the source has grown since its size was probed; create the image again",
+			g.have, api.BytesIEC(end))}
+	}
+	return g.Target.WriteAt(p, off)
 }
 
 // usable is the size disk.img gets: the volume's capacity less the file

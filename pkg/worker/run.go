@@ -47,48 +47,44 @@ type Config struct {
 // returned error is the import's failure (nil on success), already recorded
 // in the termination message.
 func Run(ctx context.Context, cfg Config) error {
-	log := klog.FromContext(ctx)
-	out := run(ctx, cfg)
+	return conclude(ctx, cfg, run(ctx, cfg), "Import done", "Import failed")
+}
+
+// conclude records out in the termination message, logs it with the
+// message done or failed, and returns a failure as an error.
+func conclude(ctx context.Context, cfg Config, out api.Outcome, done, failed string) error {
 	record(ctx, cfg, out)
-	if out.Result == nil {
-		log.Info("Import failed", "reason", out.Reason, "message", out.Message, "permanent", out.Permanent)
+	log := klog.FromContext(ctx)
+	switch r, p := out.Result, out.Populated; {
+	case r != nil:
+		kv := []any{"format", r.Format, "virtualSize", r.VirtualSize, "sourceSize", r.SourceSize, "cdrom", r.CDROM}
+		if r.Digest != "" { // not a probe
+			kv = append(kv, "digest", r.Digest, "storedSize", r.StoredSize)
+		}
+		log.Info(done, kv...)
+	case p != nil:
+		log.Info(done, "format", p.Format, "virtualSize", p.VirtualSize, "diskSize", p.DiskSize, "written", p.Written, "read", p.Read)
+	default:
+		log.Info(failed, "reason", out.Reason, "message", out.Message, "permanent", out.Permanent)
 		return fmt.Errorf("%s: %s", out.Reason, out.Message)
 	}
-	log.Info("Import done", "digest", out.Result.Digest, "format", out.Result.Format,
-		"virtualSize", out.Result.VirtualSize, "storedSize", out.Result.StoredSize)
 	return nil
 }
 
 func run(ctx context.Context, cfg Config) api.Outcome {
-	req, err := readRequest(cfg.RequestPath)
-	if err != nil {
-		return api.Outcome{Reason: importer.ReasonInternal, Message: err.Error(), Permanent: true}
-	}
-	dvcr, err := client.New(req.DVCR.Address, client.Options{
-		Token:     req.DVCR.Token,
-		CABundle:  req.DVCR.CABundle,
-		UserAgent: "vimg-worker/" + version.Version,
-	})
-	if err != nil {
-		return api.Outcome{Reason: importer.ReasonInternal, Message: "DVCR client: " + err.Error(), Permanent: true}
-	}
-	sum, err := strongestChecksum(req.Checksums)
-	if err != nil {
-		return api.Outcome{Reason: importer.ReasonInternal, Message: err.Error(), Permanent: true}
-	}
-	src, err := openSource(ctx, req.Source, dvcr, req.DVCR.Ref)
+	o, err := openRequest(ctx, cfg.RequestPath, "vimg-worker/", true)
 	if err != nil {
 		return failure(err)
 	}
-	defer src.Close()
+	defer o.src.Close()
 
 	rep := newReporter(cfg)
 	stop := rep.start(ctx)
 	res, err := importer.Import(ctx, importer.Request{
-		Source:   src,
-		Checksum: sum,
-		Client:   dvcr,
-		Ref:      req.DVCR.Ref,
+		Source:   o.src,
+		Checksum: o.checksum,
+		Client:   o.dvcr,
+		Ref:      o.req.DVCR.Ref,
 		Progress: rep.set,
 	})
 	stop()
@@ -106,6 +102,55 @@ func run(ctx context.Context, cfg Config) api.Outcome {
 	}}
 }
 
+// opened is an import request with its source open: what an import, a probe
+// and a populate from the source all start with.
+type opened struct {
+	req api.Request
+	// dvcr is nil when the request needs no DVCR.
+	dvcr     *client.Client
+	checksum *diskimage.Checksum
+	src      source.Source
+}
+
+// openRequest reads the import request at path and opens its source, with a
+// DVCR client whose User-Agent starts with agent. push says the image goes
+// to DVCR, which the request must then name; otherwise DVCR only serves an
+// upload (a blob of the image's repository). The error is an
+// *importer.Error, or the source's, for failure.
+func openRequest(ctx context.Context, path, agent string, push bool) (*opened, error) {
+	req, err := readRequest(path)
+	if err != nil {
+		return nil, internalError(err.Error())
+	}
+	o := &opened{req: req}
+	if push || req.Source.Type == api.SourceDVCRBlob {
+		if req.DVCR.Address == "" || req.DVCR.Ref == "" {
+			return nil, internalError("the import request names no DVCR address or reference")
+		}
+		o.dvcr, err = client.New(req.DVCR.Address, client.Options{
+			Token:     req.DVCR.Token,
+			CABundle:  req.DVCR.CABundle,
+			UserAgent: agent + version.Version,
+		})
+		if err != nil {
+			return nil, internalError("DVCR client: " + err.Error())
+		}
+	}
+	if o.checksum, err = strongestChecksum(req.Checksums); err != nil {
+		return nil, internalError(err.Error())
+	}
+	if o.src, err = openSource(ctx, req.Source, o.dvcr, req.DVCR.Ref); err != nil {
+		return nil, err
+	}
+	return o, nil
+}
+
+// internalError is a request the controller got wrong: permanent, as only
+// a fixed controller writes a better one.
+func internalError(msg string) error {
+	return &importer.Error{Reason: importer.ReasonInternal, Message: msg, Permanent: true}
+}
+
 func failure(err error) api.Outcome {
 	e := importer.Classify(err)
 	return api.Outcome{Reason: e.Reason, Message: e.Message, Permanent: e.Permanent}
@@ -119,9 +164,6 @@ func readRequest(path string) (api.Request, error) {
 	var r api.Request
 	if err := json.Unmarshal(b, &r); err != nil {
 		return api.Request{}, fmt.Errorf("parsing the import request: %w", err)
-	}
-	if r.DVCR.Address == "" || r.DVCR.Ref == "" {
-		return api.Request{}, errors.New("the import request names no DVCR address or reference")
 	}
 	return r, nil
 }

@@ -1,6 +1,7 @@
 package app
 
 import (
+	"context"
 	"os"
 	"os/signal"
 	"syscall"
@@ -14,14 +15,30 @@ import (
 	"vimg.dev/vimg/pkg/worker/api"
 )
 
-// newWorkerCommand is `vimg worker import`, what an import pod runs. It is
-// hidden: users never call it; the controller writes its request.
+// newWorkerCommand is `vimg worker import|probe|populate`, what the pods of
+// the controller and the populator run. It is hidden: users never call it;
+// the controller writes its requests.
 func newWorkerCommand() *cobra.Command {
 	cmd := &cobra.Command{Use: "worker", Short: "Data movers run by the vimg controller in pods", Hidden: true}
-	var request string
-	imp := &cobra.Command{
-		Use:   "import",
-		Short: "Import the source a request file names into DVCR",
+	importRequest := api.RequestDir + "/" + api.RequestFile
+	cmd.AddCommand(
+		podCommand("import", "Import the source a request file names into DVCR", importRequest, "the import request file", worker.Run),
+		podCommand("probe", "Tell the format and virtual size of the source an import request file names", importRequest, "the import request file", worker.Probe),
+		podCommand("populate", "Write the image a request file names onto the pod's volume", api.PopulateRequestDir+"/"+api.RequestFile, "the populate request file",
+			func(ctx context.Context, cfg worker.Config) error {
+				return worker.Populate(ctx, worker.PopulateConfig{Config: cfg})
+			}),
+		newUploadGatewayCommand(),
+	)
+	return cmd
+}
+
+// podCommand is a worker subcommand: run, on the request file its --request
+// flag names (request by default, usage describing it), in a pod or by hand.
+func podCommand(use, short, request, usage string, run func(context.Context, worker.Config) error) *cobra.Command {
+	c := &cobra.Command{
+		Use:   use,
+		Short: short,
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
@@ -34,32 +51,11 @@ func newWorkerCommand() *cobra.Command {
 			// The outcome is already in the termination message; the
 			// error only sets the exit code.
 			cmd.SilenceErrors = true
-			return worker.Run(ctx, cfg)
+			return run(ctx, cfg)
 		},
 	}
-	imp.Flags().StringVar(&request, "request", api.RequestDir+"/"+api.RequestFile, "the import request file")
-	cmd.AddCommand(imp)
-	var populateRequest string
-	pop := &cobra.Command{
-		Use:   "populate",
-		Short: "Write the image a request file names onto the pod's volume",
-		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
-			defer stop()
-			ctx = klog.NewContext(ctx, klog.Background())
-			cfg, err := podConfig(populateRequest)
-			if err != nil {
-				return err
-			}
-			cmd.SilenceErrors = true
-			return worker.Populate(ctx, worker.PopulateConfig{Config: cfg})
-		},
-	}
-	pop.Flags().StringVar(&populateRequest, "request", api.PopulateRequestDir+"/"+api.RequestFile, "the populate request file")
-	cmd.AddCommand(pop)
-	cmd.AddCommand(newUploadGatewayCommand())
-	return cmd
+	c.Flags().StringVar(&request, "request", request, usage)
+	return c
 }
 
 // podConfig is the worker's configuration in a pod (POD_NAME set: progress

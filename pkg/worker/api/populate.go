@@ -46,6 +46,14 @@ type PopulateRequest struct {
 	// UID and GID own disk.img (107, qemu in KubeVirt's launcher).
 	UID int `json:"uid"`
 	GID int `json:"gid"`
+	// FromSource marks the claim of a VirtualImage stored in a
+	// PersistentVolumeClaim: the pod writes the image's source itself onto
+	// the volume, converted on the fly, as the import Request at
+	// RequestDir/RequestFile (mounted from the image controller's Secret)
+	// describes it, checksums included. DVCR is then unused, but for an
+	// upload: the upload is a blob of the image's repository, which that
+	// Request names.
+	FromSource bool `json:"fromSource,omitempty"`
 }
 
 // PopulateResult describes a filled volume.
@@ -56,9 +64,21 @@ type PopulateResult struct {
 	DiskSize    int64 `json:"diskSize"`
 	// Written is the bytes of data written; zero ranges are not written.
 	Written int64 `json:"written"`
-	// Read is the bytes read from DVCR.
+	// Read is the bytes read from DVCR (or from the source).
 	Read int64 `json:"read"`
+	// Format, CDROM, SourceSize and SourceChecksum describe the image as
+	// read: what the image controller shows in the status of an image
+	// whose claim this is.
+	Format         string `json:"format,omitempty"`
+	CDROM          bool   `json:"cdrom,omitempty"`
+	SourceSize     int64  `json:"sourceSize,omitempty"`
+	SourceChecksum string `json:"sourceChecksum,omitempty"`
 }
+
+// DefaultFilesystemOverhead is the populator's and the image controller's
+// default share of a Filesystem volume left to the file system: KubeVirt
+// CDI's default.
+const DefaultFilesystemOverhead = 0.055
 
 // DiskAlign is the granularity of a Filesystem volume's disk.img: what
 // KubeVirt and most guests expect of a disk's size.
@@ -107,3 +127,36 @@ func IEC(n int64) (float64, string) {
 	}
 	return v, units[i]
 }
+
+// The claim of a VirtualImage stored in a PersistentVolumeClaim: the image
+// controller makes it (named ImageClaimName, in the image's namespace,
+// controlled by the image, dataSourceRef naming the image itself) and puts
+// the image's import Request into a Secret named SourceSecretName in the
+// populator's namespace; the populator fills the claim from that source
+// and tells the outcome in the claim's annotations.
+const (
+	// ClaimAnnotationProgress on a claim being filled: "45.2%", then
+	// "100%", or "Failed".
+	ClaimAnnotationProgress = "vimg.dev/populate-progress"
+	// ClaimAnnotationResult on a filled claim: a PopulateResult in JSON.
+	ClaimAnnotationResult = "vimg.dev/populate-result"
+	// ClaimAnnotationError on a claim given up: "Reason: message".
+	ClaimAnnotationError = "vimg.dev/populate-error"
+)
+
+// SourceTrustedCAKey is the key of the source Secret holding the CAs the
+// installation trusts for sources (PEM, possibly empty), and TrustedCADir
+// where worker pods see such CAs.
+const (
+	SourceTrustedCAKey = "trusted-ca.pem"
+	TrustedCADir       = "/etc/vimg/trusted-ca"
+)
+
+// ImageClaimName is the name of the claim of the VirtualImage name with UID
+// uid: the UID keeps a re-created image from meeting its predecessor's
+// claim.
+func ImageClaimName(name, uid string) string { return "vi-" + name + "-" + uid }
+
+// SourceSecretName is the name of the Secret, in the populator's
+// namespace, holding the import Request of the image with UID uid.
+func SourceSecretName(uid string) string { return "vimg-source-" + uid }
