@@ -75,6 +75,17 @@ func (c *claims) sync(ctx context.Context, ns, name string) error {
 	return c.populate(ctx, pvc, u)
 }
 
+// image finds an image in the informers' caches.
+func (c *claims) image(kind, namespace, name string) (*unstructured.Unstructured, error) {
+	switch kind {
+	case VirtualImageGK.Kind:
+		return c.vis.Namespace(namespace).Get(name)
+	case ClusterVirtualImageGK.Kind:
+		return c.cvis.Get(name)
+	}
+	return nil, apierrors.NewNotFound(VirtualImageGVR.GroupResource(), name)
+}
+
 func (c *claims) prime(pvc *corev1.PersistentVolumeClaim) (*corev1.PersistentVolumeClaim, error) {
 	p, err := c.pvcs.PersistentVolumeClaims(c.w.cfg.Namespace).Get(primeName(pvc))
 	if apierrors.IsNotFound(err) {

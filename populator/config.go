@@ -22,6 +22,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 
 	"vimg.dev/vimg/dvcr/layout"
+	"vimg.dev/vimg/pkg/worker/api"
 )
 
 // Names the populator gives its objects, annotations and events.
@@ -35,7 +36,7 @@ const (
 	AnnotationPopulatedFrom = Prefix + "/populated-from"
 
 	// AnnotationProgress on the user's claim: "45.2%" while populating.
-	AnnotationProgress = "vimg.dev/populate-progress"
+	AnnotationProgress = api.ClaimAnnotationProgress
 	// AnnotationAttempts on the prime claim counts populate pods started.
 	AnnotationAttempts = "vimg.dev/populate-attempts"
 	// AnnotationRetryAt on the prime claim: no new pod before this time
@@ -119,7 +120,7 @@ func (c *Config) setDefaults() {
 		c.TokenTTL = 12 * time.Hour
 	}
 	if c.FilesystemOverhead <= 0 {
-		c.FilesystemOverhead = 0.055
+		c.FilesystemOverhead = api.DefaultFilesystemOverhead
 	}
 	if c.MaxAttempts <= 0 {
 		c.MaxAttempts = 5

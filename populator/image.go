@@ -4,10 +4,13 @@ import (
 	"fmt"
 	"strings"
 
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 
 	v1 "vimg.dev/vimg/pkg/apis/virtualization/v1alpha2"
+	"vimg.dev/vimg/pkg/worker/api"
 )
 
 // The data source kinds the populator serves.
@@ -28,6 +31,9 @@ type image struct {
 	registryURL           string
 	progress              string
 	deleting              bool
+	// refKind, refNamespace and refName name the image an image copies
+	// (dataSource type ObjectRef).
+	refKind, refNamespace, refName string
 }
 
 func imageOf(u *unstructured.Unstructured) image {
@@ -35,7 +41,7 @@ func imageOf(u *unstructured.Unstructured) image {
 		s, _, _ := unstructured.NestedString(u.Object, fields...)
 		return s
 	}
-	return image{
+	im := image{
 		kind:        u.GetKind(),
 		namespace:   u.GetNamespace(),
 		name:        u.GetName(),
@@ -46,6 +52,26 @@ func imageOf(u *unstructured.Unstructured) image {
 		progress:    str("status", "progress"),
 		deleting:    u.GetDeletionTimestamp() != nil,
 	}
+	if str("spec", "dataSource", "type") == string(v1.DataSourceTypeObjectRef) {
+		im.refKind, im.refName = str("spec", "dataSource", "objectRef", "kind"), str("spec", "dataSource", "objectRef", "name")
+		switch im.refKind {
+		case ClusterVirtualImageGK.Kind:
+		case VirtualImageGK.Kind:
+			im.refNamespace = u.GetNamespace() // a VirtualImage copies images of its namespace
+		default:
+			im.refNamespace = str("spec", "dataSource", "objectRef", "namespace")
+		}
+	}
+	return im
+}
+
+// ownsClaim tells whether pvc is the image's own claim (storage:
+// PersistentVolumeClaim): made by the image controller under the name it
+// gives, and controlled by this very image.
+func (im image) ownsClaim(pvc *corev1.PersistentVolumeClaim, u *unstructured.Unstructured) bool {
+	return im.storage == string(v1.StoragePersistentVolumeClaim) &&
+		pvc.Namespace == im.namespace && pvc.Name == api.ImageClaimName(im.name, im.uid) &&
+		metav1.IsControlledBy(pvc, u)
 }
 
 func (im image) String() string {

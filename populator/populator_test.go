@@ -8,8 +8,11 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/utils/ptr"
 
 	v1 "vimg.dev/vimg/pkg/apis/virtualization/v1alpha2"
+	"vimg.dev/vimg/pkg/worker/api"
 )
 
 func testImage(phase, storage, url string) *unstructured.Unstructured {
@@ -72,11 +75,11 @@ func TestWorker_PodsHaveNoPrivilegesBeyondTheirVolume(t *testing.T) {
 	w := &worker{cfg: Config{Namespace: "vimg-populate", WorkerImage: "img", WorkerServiceAccount: "vimg-worker"}}
 	pvc := &corev1.PersistentVolumeClaim{ObjectMeta: metav1.ObjectMeta{Name: "c", Namespace: "ns", UID: "u"}}
 	prime := &corev1.PersistentVolumeClaim{ObjectMeta: metav1.ObjectMeta{Name: "prime-u", Namespace: "vimg-populate", UID: "p"}}
-	fs := w.buildPod(pvc, prime, false, 1)
+	fs := w.buildPod(pvc, prime, false, 1, "")
 	if sc := fs.Spec.SecurityContext; *sc.RunAsUser != 107 || !*sc.RunAsNonRoot || *sc.FSGroup != 107 {
 		t.Errorf("filesystem pod security %+v", sc)
 	}
-	block := w.buildPod(pvc, prime, true, 1)
+	block := w.buildPod(pvc, prime, true, 1, "")
 	c := block.Spec.Containers[0]
 	if len(c.VolumeDevices) != 1 || len(c.VolumeMounts) != 1 {
 		t.Errorf("block pod attaches %v %v", c.VolumeDevices, c.VolumeMounts)
@@ -129,5 +132,68 @@ func TestClaimImageIndex(t *testing.T) {
 		if got := strings.Join(keys, ","); got != tc.want {
 			t.Errorf("index of %v = %q, want %q", tc.ref, got, tc.want)
 		}
+	}
+}
+
+func TestImage_OwnsOnlyTheClaimTheControllerMadeForIt(t *testing.T) {
+	u := testImage("Provisioning", "PersistentVolumeClaim", "")
+	im := imageOf(u)
+	own := func(name string, owner types.UID) *corev1.PersistentVolumeClaim {
+		return &corev1.PersistentVolumeClaim{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "ns",
+			OwnerReferences: []metav1.OwnerReference{{Kind: "VirtualImage", Name: "img", UID: owner, Controller: ptr.To(true)}}}}
+	}
+	if !im.ownsClaim(own(api.ImageClaimName("img", "u1"), "u1"), u) {
+		t.Error("the image's own claim is not recognised")
+	}
+	if im.ownsClaim(own("mine", "u1"), u) {
+		t.Error("a claim of another name counts as the image's")
+	}
+	if im.ownsClaim(own(api.ImageClaimName("img", "u1"), "someone-else"), u) {
+		t.Error("a claim controlled by another object counts as the image's")
+	}
+	dvcr := imageOf(testImage("Ready", "ContainerRegistry", ""))
+	if dvcr.ownsClaim(own(api.ImageClaimName("img", "u1"), "u1"), u) {
+		t.Error("an image stored in DVCR owns a claim")
+	}
+}
+
+func TestImage_CopiedImageIsResolvedInTheRightScope(t *testing.T) {
+	u := testImage("Pending", "PersistentVolumeClaim", "")
+	u.Object["spec"].(map[string]any)["dataSource"] = map[string]any{"type": "ObjectRef", "objectRef": map[string]any{"kind": "VirtualImage", "name": "base"}}
+	if im := imageOf(u); im.refKind != "VirtualImage" || im.refNamespace != "ns" || im.refName != "base" {
+		t.Fatalf("VirtualImage ref %+v", im)
+	}
+	u.Object["spec"].(map[string]any)["dataSource"] = map[string]any{"type": "ObjectRef", "objectRef": map[string]any{"kind": "ClusterVirtualImage", "name": "base"}}
+	if im := imageOf(u); im.refKind != "ClusterVirtualImage" || im.refNamespace != "" {
+		t.Fatalf("ClusterVirtualImage ref %+v", im)
+	}
+}
+
+func TestWorker_FromSourcePodsGetTheImportRequestAndTrustedCAs(t *testing.T) {
+	w := &worker{cfg: Config{Namespace: "vimg-populate", WorkerImage: "img"}}
+	pvc := &corev1.PersistentVolumeClaim{ObjectMeta: metav1.ObjectMeta{Name: "c", Namespace: "ns", UID: "u"}}
+	prime := &corev1.PersistentVolumeClaim{ObjectMeta: metav1.ObjectMeta{Name: "prime-u", Namespace: "vimg-populate", UID: "p"}}
+	p := w.buildPod(pvc, prime, false, 1, api.SourceSecretName("img-uid"))
+	mounts := map[string]string{}
+	for _, m := range p.Spec.Containers[0].VolumeMounts {
+		mounts[m.MountPath] = m.Name
+	}
+	secrets := map[string]string{}
+	for _, v := range p.Spec.Volumes {
+		if v.Secret != nil && v.Secret.SecretName == api.SourceSecretName("img-uid") {
+			secrets[v.Name] = v.Secret.Items[0].Key
+		}
+	}
+	if secrets[mounts[api.RequestDir]] != api.RequestFile || secrets[mounts[api.TrustedCADir]] != api.SourceTrustedCAKey {
+		t.Fatalf("mounts %v, source secret volumes %v", mounts, secrets)
+	}
+	var certDir string
+	for _, e := range p.Spec.Containers[0].Env {
+		if e.Name == "SSL_CERT_DIR" {
+			certDir = e.Value
+		}
+	}
+	if !strings.Contains(certDir, api.TrustedCADir) {
+		t.Fatalf("SSL_CERT_DIR %q", certDir)
 	}
 }

@@ -65,6 +65,7 @@ func Run(ctx context.Context, cfg Config, rc *rest.Config, kubeconfig string) er
 	w := &worker{cfg: cfg, kube: kube, pods: pods.Lister(), recorder: recorder, said: map[types.UID]string{}}
 	c := &claims{w: w, pvcs: pvcs.Lister(), scs: scs.Lister(),
 		vis: dynamiclister.New(vis.Informer().GetIndexer(), VirtualImageGVR), cvis: dynamiclister.New(cvis.Informer().GetIndexer(), ClusterVirtualImageGVR)}
+	w.lookup = c.image
 	parked := func(key string) bool {
 		ns, name, ok := claimKey(key)
 		if !ok {

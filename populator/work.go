@@ -31,6 +31,9 @@ type worker struct {
 	kube     kubernetes.Interface
 	pods     corelisters.PodLister // in cfg.Namespace
 	recorder record.EventRecorder
+	// lookup finds an image by kind ("VirtualImage", "ClusterVirtualImage"),
+	// namespace and name in the informers' caches.
+	lookup func(kind, namespace, name string) (*unstructured.Unstructured, error)
 
 	mu sync.Mutex
 	// said is the last event message per claim UID, so that a claim
@@ -72,6 +75,15 @@ func (w *worker) populate(ctx context.Context, pvc, prime *corev1.PersistentVolu
 		return err
 	}
 	im := imageOf(u)
+	if im.ownsClaim(pvc, u) {
+		return w.populateImageClaim(ctx, pvc, prime, im)
+	}
+	return w.populateFromDVCR(ctx, pvc, prime, im)
+}
+
+// populateFromDVCR fills the claim from the image's copy in DVCR, pinned
+// by its manifest digest.
+func (w *worker) populateFromDVCR(ctx context.Context, pvc, prime *corev1.PersistentVolumeClaim, im image) error {
 	if why, wait := im.notUsable(w.cfg.DVCRAddress); why != "" {
 		if wait {
 			w.say(pvc, corev1.EventTypeNormal, ReasonWaitingForImage, why)
@@ -88,51 +100,124 @@ func (w *worker) populate(ctx context.Context, pvc, prime *corev1.PersistentVolu
 	if err != nil {
 		return fmt.Errorf("reading %s from DVCR: %w", ref, err)
 	}
-	block := pvc.Spec.VolumeMode != nil && *pvc.Spec.VolumeMode == corev1.PersistentVolumeBlock
+	block := isBlock(pvc)
 	capacity := claimCapacity(prime)
 	if msg := w.tooSmall(block, capacity, meta.VirtualSize); msg != "" {
 		return w.fail(ctx, pvc, prime, api.ReasonTooSmall, msg)
 	}
-	attempts, _ := strconv.Atoi(prime.Annotations[AnnotationAttempts])
-	if at, err := time.Parse(time.RFC3339, prime.Annotations[AnnotationRetryAt]); err == nil && time.Now().Before(at) {
-		return nil // the queue comes back within MaxRetryDelay
+	attempts, due := w.due(prime)
+	if !due {
+		return nil
 	}
 	repo, err := importer.Repository(ref)
 	if err != nil {
 		return w.fail(ctx, pvc, prime, importer.ReasonInternal, err.Error())
 	}
-	// The cache may not have seen a pod made by the previous pass yet:
-	// ask the API server before counting another attempt.
-	if _, err := w.kube.CoreV1().Pods(w.cfg.Namespace).Get(ctx, podName(pvc), metav1.GetOptions{}); err == nil {
-		return nil
-	} else if !apierrors.IsNotFound(err) {
-		return fmt.Errorf("looking for populate pod %s: %w", podName(pvc), err)
+	if exists, err := w.podExists(ctx, pvc); exists || err != nil {
+		return err
 	}
 	token, err := w.cfg.Registry.PullToken(ctx, repo, w.cfg.TokenTTL)
 	if err != nil {
 		return err
 	}
-	req := api.PopulateRequest{
-		DVCR:               api.DVCRSpec{Address: w.cfg.DVCRAddress, Ref: repo + "@" + digest, Token: token, CABundle: w.cfg.DVCRCA},
+	req := w.request(block, capacity)
+	req.DVCR = api.DVCRSpec{Address: w.cfg.DVCRAddress, Ref: repo + "@" + digest, Token: token, CABundle: w.cfg.DVCRCA}
+	return w.startPod(ctx, pvc, prime, req, "", attempts, fmt.Sprintf("Writing %s (%s, %s virtual, %s) onto the %s volume",
+		im, meta.Format, api.BytesIEC(meta.VirtualSize), digest, volumeMode(block)))
+}
+
+// populateImageClaim fills the claim of an image stored in a
+// PersistentVolumeClaim: from the image it copies, when its source is
+// another image, otherwise straight from its source, as the image
+// controller's Secret describes it.
+func (w *worker) populateImageClaim(ctx context.Context, pvc, prime *corev1.PersistentVolumeClaim, im image) error {
+	if im.deleting {
+		return nil // the claim goes with the image
+	}
+	if im.refKind != "" {
+		src, err := w.lookup(im.refKind, im.refNamespace, im.refName)
+		if apierrors.IsNotFound(err) {
+			w.say(pvc, corev1.EventTypeNormal, ReasonWaitingForImage, fmt.Sprintf("%s copies %s %s, which does not exist", im, im.refKind, im.refName))
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		return w.populateFromDVCR(ctx, pvc, prime, imageOf(src))
+	}
+	sec, err := w.kube.CoreV1().Secrets(w.cfg.Namespace).Get(ctx, api.SourceSecretName(im.uid), metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		w.say(pvc, corev1.EventTypeNormal, ReasonWaitingForImage, fmt.Sprintf("Waiting for the image controller to hand over the source of %s", im))
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("reading the source of %s: %w", im, err)
+	}
+	attempts, due := w.due(prime)
+	if !due {
+		return nil
+	}
+	if exists, err := w.podExists(ctx, pvc); exists || err != nil {
+		return err
+	}
+	block := isBlock(pvc)
+	req := w.request(block, claimCapacity(prime))
+	req.FromSource = true
+	return w.startPod(ctx, pvc, prime, req, sec.Name, attempts, fmt.Sprintf("Writing the source of %s onto the %s volume", im, volumeMode(block)))
+}
+
+func isBlock(pvc *corev1.PersistentVolumeClaim) bool {
+	return pvc.Spec.VolumeMode != nil && *pvc.Spec.VolumeMode == corev1.PersistentVolumeBlock
+}
+
+// due reports how many pods were tried, and whether another may start now
+// (the queue comes back within MaxRetryDelay when not).
+func (w *worker) due(prime *corev1.PersistentVolumeClaim) (attempts int, ok bool) {
+	attempts, _ = strconv.Atoi(prime.Annotations[AnnotationAttempts])
+	if at, err := time.Parse(time.RFC3339, prime.Annotations[AnnotationRetryAt]); err == nil && time.Now().Before(at) {
+		return attempts, false
+	}
+	return attempts, true
+}
+
+// podExists asks the API server: the cache may not have seen a pod made by
+// the previous pass yet, and another attempt must not be counted for it.
+func (w *worker) podExists(ctx context.Context, pvc *corev1.PersistentVolumeClaim) (bool, error) {
+	_, err := w.kube.CoreV1().Pods(w.cfg.Namespace).Get(ctx, podName(pvc), metav1.GetOptions{})
+	if err == nil {
+		return true, nil
+	}
+	if !apierrors.IsNotFound(err) {
+		return false, fmt.Errorf("looking for populate pod %s: %w", podName(pvc), err)
+	}
+	return false, nil
+}
+
+func (w *worker) request(block bool, capacity int64) api.PopulateRequest {
+	return api.PopulateRequest{
 		Block:              block,
 		Capacity:           capacity,
 		FilesystemOverhead: w.cfg.FilesystemOverhead,
-		UID:                107,
-		GID:                107,
+		UID:                qemuID,
+		GID:                qemuID,
 	}
+}
+
+// startPod writes the request and starts attempt attempts+1; sourceSecret,
+// when set, is mounted as the import request of a FromSource pod.
+func (w *worker) startPod(ctx context.Context, pvc, prime *corev1.PersistentVolumeClaim, req api.PopulateRequest, sourceSecret string, attempts int, what string) error {
 	if err := w.ensureSecret(ctx, pvc, prime, req); err != nil {
 		return err
 	}
 	if err := w.annotate(ctx, prime, AnnotationAttempts, strconv.Itoa(attempts+1)); err != nil {
 		return err
 	}
-	pod := w.buildPod(pvc, prime, block, attempts+1)
+	pod := w.buildPod(pvc, prime, req.Block, attempts+1, sourceSecret)
 	if _, err := w.kube.CoreV1().Pods(w.cfg.Namespace).Create(ctx, pod, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
 		return fmt.Errorf("creating populate pod %s: %w", pod.Name, err)
 	}
-	w.say(pvc, corev1.EventTypeNormal, ReasonPopulating, fmt.Sprintf("Writing %s (%s, %s virtual, %s) onto the %s volume",
-		im, meta.Format, api.BytesIEC(meta.VirtualSize), digest, volumeMode(block)))
-	klog.FromContext(ctx).Info("Started populate pod", "pvc", klog.KObj(pvc), "pod", pod.Name, "image", im.String(), "digest", digest, "attempt", attempts+1)
+	w.say(pvc, corev1.EventTypeNormal, ReasonPopulating, what)
+	klog.FromContext(ctx).Info("Started populate pod", "pvc", klog.KObj(pvc), "pod", pod.Name, "fromSource", req.FromSource, "ref", req.DVCR.Ref, "attempt", attempts+1)
 	return nil
 }
 
@@ -195,11 +280,15 @@ func (w *worker) complete(ctx context.Context, pvc, prime *corev1.PersistentVolu
 		if out.Populated == nil {
 			return false, w.fail(ctx, pvc, prime, importer.ReasonInternal, "the populate pod succeeded without a result")
 		}
+		res, _ := json.Marshal(out.Populated)
+		if err := w.setAnnotation(ctx, pvc, api.ClaimAnnotationResult, string(res)); err != nil {
+			return false, err
+		}
 		if err := w.setProgress(ctx, pvc, "100%"); err != nil {
 			return false, err
 		}
-		w.say(pvc, corev1.EventTypeNormal, ReasonPopulated, fmt.Sprintf("The volume holds the image: %s disk (%s virtual), %s written, %s read from DVCR",
-			api.BytesIEC(out.Populated.DiskSize), api.BytesIEC(out.Populated.VirtualSize), api.BytesIEC(out.Populated.Written), api.BytesIEC(out.Populated.Read)))
+		w.say(pvc, corev1.EventTypeNormal, ReasonPopulated, fmt.Sprintf("The volume holds the image: %s disk (%s virtual, %s), %s written, %s read",
+			api.BytesIEC(out.Populated.DiskSize), api.BytesIEC(out.Populated.VirtualSize), out.Populated.Format, api.BytesIEC(out.Populated.Written), api.BytesIEC(out.Populated.Read)))
 		return true, nil
 	case corev1.PodFailed:
 		out, ok := outcomeOf(pod)
@@ -235,6 +324,9 @@ func (w *worker) complete(ctx context.Context, pvc, prime *corev1.PersistentVolu
 func (w *worker) fail(ctx context.Context, pvc, prime *corev1.PersistentVolumeClaim, reason, msg string) error {
 	w.say(pvc, corev1.EventTypeWarning, ReasonFailed, reason+": "+msg)
 	if err := w.annotate(ctx, prime, AnnotationFailed, reason+": "+msg); err != nil {
+		return err
+	}
+	if err := w.setAnnotation(ctx, pvc, api.ClaimAnnotationError, reason+": "+msg); err != nil {
 		return err
 	}
 	if err := w.setProgress(ctx, pvc, "Failed"); err != nil {
@@ -273,7 +365,12 @@ func (w *worker) annotate(ctx context.Context, pvc *corev1.PersistentVolumeClaim
 }
 
 func (w *worker) setProgress(ctx context.Context, pvc *corev1.PersistentVolumeClaim, v string) error {
-	err := w.annotate(ctx, pvc, AnnotationProgress, v)
+	return w.setAnnotation(ctx, pvc, AnnotationProgress, v)
+}
+
+// setAnnotation annotates the user's claim, which may be gone.
+func (w *worker) setAnnotation(ctx context.Context, pvc *corev1.PersistentVolumeClaim, key, v string) error {
+	err := w.annotate(ctx, pvc, key, v)
 	if apierrors.IsNotFound(err) {
 		return nil
 	}

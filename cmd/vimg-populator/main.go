@@ -20,6 +20,7 @@ import (
 	"vimg.dev/vimg/pkg/controller/image"
 	"vimg.dev/vimg/pkg/podinfo"
 	"vimg.dev/vimg/pkg/version"
+	"vimg.dev/vimg/pkg/worker/api"
 	"vimg.dev/vimg/populator"
 )
 
@@ -50,7 +51,7 @@ func run() error {
 	fs.StringVar(&cpu, "worker-cpu-request", "100m", "CPU request of a populate pod")
 	fs.StringVar(&memory, "worker-memory-request", "64Mi", "memory request of a populate pod")
 	fs.StringVar(&memoryLimit, "worker-memory-limit", "512Mi", "memory limit of a populate pod (the reader caches a few 8 MiB windows)")
-	fs.Float64Var(&cfg.FilesystemOverhead, "filesystem-overhead", 0.055, "fraction of a Filesystem volume left to the file system; disk.img gets the rest")
+	fs.Float64Var(&cfg.FilesystemOverhead, "filesystem-overhead", api.DefaultFilesystemOverhead, "fraction of a Filesystem volume left to the file system; disk.img gets the rest")
 	fs.IntVar(&cfg.MaxAttempts, "max-attempts", 5, "populate pods tried after transient failures before a claim is given up")
 	fs.DurationVar(&cfg.MaxRetryDelay, "max-retry-delay", 0, "cap of the backoff of claims waiting for an image or a pod (default 30s)")
 	if err := fs.Parse(os.Args[1:]); err != nil {
