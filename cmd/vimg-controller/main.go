@@ -41,22 +41,24 @@ func main() {
 }
 
 type options struct {
-	namespace                          string
-	dvcrService, dvcrAddress           string
-	tlsSecret, authSecret, caConfigMap string
-	workerImage, workerPullPolicy      string
-	workerServiceAccount               string
-	workerCPU, workerMemory            string
-	workerMemoryLimit                  string
-	trustedCA                          string
-	uploadNamespace                    string
-	uploadInClusterURL                 string
-	uploadExternalURL                  string
-	uploadTimeout                      time.Duration
-	maxAttempts                        int
-	retryBackoff                       time.Duration
-	leaderElect                        bool
-	metricsAddr, probeAddr             string
+	namespace                            string
+	dvcrService, dvcrAddress             string
+	tlsSecret, authSecret, caConfigMap   string
+	workerImage, workerPullPolicy        string
+	workerServiceAccount                 string
+	workerCPU, workerMemory              string
+	workerMemoryLimit                    string
+	trustedCA                            string
+	uploadNamespace                      string
+	uploadInClusterURL                   string
+	uploadExternalURL                    string
+	uploadTimeout                        time.Duration
+	maxAttempts                          int
+	retryBackoff                         time.Duration
+	populateNamespace, imageStorageClass string
+	filesystemOverhead                   float64
+	leaderElect                          bool
+	metricsAddr, probeAddr               string
 }
 
 func run() error {
@@ -85,6 +87,9 @@ func run() error {
 	flag.DurationVar(&o.uploadTimeout, "upload-timeout", time.Hour, "how long an Upload image waits for its upload to start before it is Failed (WaitForUserUploadTimeout)")
 	flag.IntVar(&o.maxAttempts, "max-attempts", 5, "import pods tried after transient failures before an image is Failed")
 	flag.DurationVar(&o.retryBackoff, "retry-backoff", 10*time.Second, "wait before the second import attempt, doubled each time (at most 5m)")
+	flag.StringVar(&o.populateNamespace, "populate-namespace", "vimg-populate", "the volume populator's namespace, where the source Secrets of images stored in PersistentVolumeClaims go")
+	flag.StringVar(&o.imageStorageClass, "image-storage-class", "", "StorageClass of the claims of images stored in PersistentVolumeClaims that name none (default: the cluster's default class)")
+	flag.Float64Var(&o.filesystemOverhead, "filesystem-overhead", api.DefaultFilesystemOverhead, "fraction of a Filesystem claim left to the file system, as the populator is told: image claims are sized so that disk.img holds the image")
 	flag.BoolVar(&o.leaderElect, "leader-elect", true, "elect a leader among replicas")
 	flag.StringVar(&o.metricsAddr, "metrics-bind-address", ":8080", "address of the metrics endpoint (0 turns it off)")
 	flag.StringVar(&o.probeAddr, "health-probe-bind-address", ":8081", "address of /healthz and /readyz")
@@ -94,6 +99,9 @@ func run() error {
 			return fmt.Errorf("--upload-external-url %q: want https://host[:port]", o.uploadExternalURL)
 		}
 		o.uploadExternalURL = strings.TrimSuffix(o.uploadExternalURL, "/")
+	}
+	if o.filesystemOverhead <= 0 || o.filesystemOverhead > 0.5 {
+		return fmt.Errorf("--filesystem-overhead %v: want a fraction above 0 and at most 0.5", o.filesystemOverhead)
 	}
 	if o.dvcrAddress == "" {
 		o.dvcrAddress = o.dvcrService + "." + o.namespace + ".svc:443"
@@ -140,6 +148,7 @@ func run() error {
 	}
 	importers := labels.SelectorFromSet(labels.Set{image.LabelComponent: "importer"})
 	uploadSecrets := labels.SelectorFromSet(labels.Set{api.LabelUpload: "true"})
+	imageClaims := labels.SelectorFromSet(labels.Set{image.LabelComponent: image.ComponentImageClaim})
 	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
 		Scheme:                  scheme,
 		LeaderElection:          o.leaderElect,
@@ -155,6 +164,8 @@ func run() error {
 		Cache: cache.Options{ByObject: map[client.Object]cache.ByObject{
 			&corev1.Pod{}:    {Namespaces: map[string]cache.Config{o.namespace: {}}, Label: importers},
 			&corev1.Secret{}: {Namespaces: map[string]cache.Config{o.uploadNamespace: {}}, Label: uploadSecrets},
+			// Of claims, only those of images stored in one.
+			&corev1.PersistentVolumeClaim{}: {Label: imageClaims},
 		}},
 		Client: client.Options{Cache: &client.CacheOptions{DisableFor: []client.Object{&corev1.Secret{}}}},
 	})
@@ -169,6 +180,7 @@ func run() error {
 		UploadNamespace: o.uploadNamespace, UploadInClusterURL: o.uploadInClusterURL,
 		UploadExternalURL: o.uploadExternalURL, UploadTimeout: o.uploadTimeout,
 		MaxAttempts: o.maxAttempts, RetryBackoff: o.retryBackoff,
+		PopulateNamespace: o.populateNamespace, ImageStorageClass: o.imageStorageClass, FilesystemOverhead: o.filesystemOverhead,
 	}
 	vi := image.NewVirtualImageReconciler(mgr.GetClient(), mgr.GetAPIReader(), mgr.GetEventRecorderFor("vimg-controller"), icfg)
 	cvi := image.NewClusterVirtualImageReconciler(mgr.GetClient(), mgr.GetAPIReader(), mgr.GetEventRecorderFor("vimg-controller"), icfg)

@@ -16,6 +16,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 
 	"vimg.dev/vimg/dvcr/layout"
+	"vimg.dev/vimg/pkg/worker/api"
 )
 
 // Names the controller gives its objects and labels.
@@ -74,6 +75,17 @@ type Config struct {
 	// RetryBackoff is the wait before the second attempt, doubled for each
 	// further one (capped at 5 min).
 	RetryBackoff time.Duration
+
+	// PopulateNamespace is the volume populator's namespace, where the
+	// source Secrets of images stored in claims go.
+	PopulateNamespace string
+	// ImageStorageClass is the class of image claims that name none;
+	// empty means the cluster's default class.
+	ImageStorageClass string
+	// FilesystemOverhead is the fraction of a Filesystem claim left to the
+	// file system (the populator's setting, same default): image claims
+	// are sized so that disk.img holds the image.
+	FilesystemOverhead float64
 }
 
 // Registry is what the reconciler needs of DVCR.
@@ -114,6 +126,12 @@ func (c *Config) setDefaults() {
 	}
 	if c.TrustedCAConfigMap == "" {
 		c.TrustedCAConfigMap = "vimg-trusted-ca"
+	}
+	if c.PopulateNamespace == "" {
+		c.PopulateNamespace = "vimg-populate"
+	}
+	if c.FilesystemOverhead <= 0 {
+		c.FilesystemOverhead = api.DefaultFilesystemOverhead
 	}
 	if c.WorkerImagePullPolicy == "" {
 		c.WorkerImagePullPolicy = corev1.PullIfNotPresent

@@ -152,9 +152,6 @@ func checksums(c *v1.Checksum) []string {
 	return out
 }
 
-// trustedCADir is where import pods see the trusted CA ConfigMap.
-const trustedCADir = "/etc/vimg/trusted-ca"
-
 // workerObjects are the Secret and Pod of one import attempt.
 func (r *Reconciler) workerObjects(o object, req api.Request, attempt int) (*corev1.Secret, *corev1.Pod, error) {
 	body, err := json.Marshal(req)
@@ -168,14 +165,20 @@ func (r *Reconciler) workerObjects(o object, req api.Request, attempt int) (*cor
 		Data:       map[string][]byte{api.RequestFile: body},
 	}
 	gen := strconv.FormatInt(o.GetGeneration(), 10)
-	c := api.Container("import", r.cfg.WorkerImage, r.cfg.WorkerImagePullPolicy, "import", r.cfg.WorkerResources)
+	// An image stored in a claim only needs its size from the source
+	// here: the populator writes the claim.
+	sub := "import"
+	if o.pvcStorage() {
+		sub = "probe"
+	}
+	c := api.Container("import", r.cfg.WorkerImage, r.cfg.WorkerImagePullPolicy, sub, r.cfg.WorkerResources)
 	c.Args = []string{"--request", api.RequestDir + "/" + api.RequestFile}
 	// Go reads system roots from the image's bundle and from every file in
 	// these directories.
-	c.Env = append(c.Env, corev1.EnvVar{Name: "SSL_CERT_DIR", Value: "/etc/ssl/certs:" + trustedCADir})
+	c.Env = append(c.Env, corev1.EnvVar{Name: "SSL_CERT_DIR", Value: "/etc/ssl/certs:" + api.TrustedCADir})
 	c.VolumeMounts = []corev1.VolumeMount{
 		{Name: "request", MountPath: api.RequestDir, ReadOnly: true},
-		{Name: "trusted-ca", MountPath: trustedCADir, ReadOnly: true},
+		{Name: "trusted-ca", MountPath: api.TrustedCADir, ReadOnly: true},
 	}
 	pod := &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{

@@ -115,8 +115,7 @@ func (r *Reconciler) reconcileSource(ctx context.Context, o, st object) (ctrl.Re
 		cs.ObservedGeneration = gen
 	}
 	if o.pvcStorage() {
-		r.setWaiting(st, reasonNotSupported, "storage PersistentVolumeClaim is not supported yet: use storage ContainerRegistry")
-		return ctrl.Result{}, nil
+		return r.reconcilePVC(ctx, o, st)
 	}
 	src := o.source()
 	switch src.Type {
@@ -203,7 +202,11 @@ func (r *Reconciler) startImport(ctx context.Context, o, st object, attempt int)
 	}
 	log.Info("Started import pod", "pod", klog.KObj(pod), "attempt", attempt)
 	if attempt == 1 {
-		r.recorder.Eventf(o.obj(), corev1.EventTypeNormal, eventImportStarted, "Import started in pod %s/%s", pod.Namespace, pod.Name)
+		what := "Import"
+		if o.pvcStorage() {
+			what = "Probing the source for its size"
+		}
+		r.recorder.Eventf(o.obj(), corev1.EventTypeNormal, eventImportStarted, "%s started in pod %s/%s", what, pod.Namespace, pod.Name)
 	}
 	st.setPhase(v1.ImagePhaseProvisioning)
 	cs := st.common()
@@ -267,6 +270,9 @@ func (r *Reconciler) importRunning(st object, pod *corev1.Pod) {
 }
 
 func (r *Reconciler) importSucceeded(ctx context.Context, o, st object, pod *corev1.Pod, pods []corev1.Pod) (ctrl.Result, error) {
+	if o.pvcStorage() {
+		return r.probeSucceeded(ctx, o, st, pod, pods)
+	}
 	// The registry, not the pod's word, decides: the manifest is there.
 	res, err := r.checkStored(ctx, o, st)
 	if err != nil || st.phase() != v1.ImagePhaseReady {
@@ -383,31 +389,9 @@ func (r *Reconciler) reconcileObjectRef(ctx context.Context, o, st object, from 
 	if st.phase() == v1.ImagePhaseReady || st.phase() == v1.ImagePhaseImageLost {
 		return r.checkStored(ctx, o, st)
 	}
-	var src object
-	switch from.Kind {
-	case v1.ObjectRefKindVirtualImage:
-		src = virtualImage{&v1.VirtualImage{}}
-	case v1.ObjectRefKindClusterVirtualImage:
-		src = clusterVirtualImage{&v1.ClusterVirtualImage{}}
-	default:
-		r.setWaiting(st, reasonNotSupported, fmt.Sprintf("objectRef kind %s is not supported yet: use an image (VirtualImage or ClusterVirtualImage) or another source", from.Kind))
-		return ctrl.Result{}, nil
-	}
-	err := r.client.Get(ctx, types.NamespacedName{Namespace: from.Namespace, Name: from.Name}, src.obj())
-	if apierrors.IsNotFound(err) {
-		r.setWaiting(st, reasonDatasourceMissing, from.String()+" not found: create it or fix objectRef")
-		return ctrl.Result{}, nil
-	}
-	if err != nil {
+	src, err := r.readySource(ctx, st, from)
+	if src == nil || err != nil {
 		return ctrl.Result{}, err
-	}
-	if src.pvcStorage() {
-		r.setWaiting(st, reasonNotSupported, from.String()+" is stored on a PersistentVolumeClaim; copying from it is not supported yet")
-		return ctrl.Result{}, nil
-	}
-	if src.phase() != v1.ImagePhaseReady {
-		r.setWaiting(st, v1.ReasonDatasourceNotReady, fmt.Sprintf("Waiting for %s to be Ready (it is %s)", from.String(), phaseOrPending(src.phase())))
-		return ctrl.Result{}, nil
 	}
 	uid := string(src.GetUID())
 	st.common().SourceUID = &uid
@@ -417,6 +401,38 @@ func (r *Reconciler) reconcileObjectRef(ctx context.Context, o, st object, from 
 	}
 	r.recorder.Eventf(o.obj(), corev1.EventTypeNormal, eventImageCopied, "Copied from %s inside DVCR", from.String())
 	return r.checkStored(ctx, o, st)
+}
+
+// readySource returns the Ready image stored in DVCR that from names, or
+// nil with st Pending and the reason in its conditions.
+func (r *Reconciler) readySource(ctx context.Context, st object, from objectRef) (object, error) {
+	var src object
+	switch from.Kind {
+	case v1.ObjectRefKindVirtualImage:
+		src = virtualImage{&v1.VirtualImage{}}
+	case v1.ObjectRefKindClusterVirtualImage:
+		src = clusterVirtualImage{&v1.ClusterVirtualImage{}}
+	default:
+		r.setWaiting(st, reasonNotSupported, fmt.Sprintf("objectRef kind %s is not supported yet: use an image (VirtualImage or ClusterVirtualImage) or another source", from.Kind))
+		return nil, nil
+	}
+	err := r.client.Get(ctx, types.NamespacedName{Namespace: from.Namespace, Name: from.Name}, src.obj())
+	if apierrors.IsNotFound(err) {
+		r.setWaiting(st, reasonDatasourceMissing, from.String()+" not found: create it or fix objectRef")
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	if src.pvcStorage() {
+		r.setWaiting(st, reasonNotSupported, from.String()+" is stored on a PersistentVolumeClaim; copying from it is not supported yet")
+		return nil, nil
+	}
+	if src.phase() != v1.ImagePhaseReady {
+		r.setWaiting(st, v1.ReasonDatasourceNotReady, fmt.Sprintf("Waiting for %s to be Ready (it is %s)", from.String(), phaseOrPending(src.phase())))
+		return nil, nil
+	}
+	return src, nil
 }
 
 func phaseOrPending(p v1.ImagePhase) v1.ImagePhase {
@@ -465,6 +481,16 @@ func (r *Reconciler) finalize(ctx context.Context, o object) (ctrl.Result, error
 	if err := r.deleteUploadSecret(ctx, o); err != nil {
 		return ctrl.Result{}, err
 	}
+	if o.pvcStorage() {
+		claim, err := r.imageClaim(ctx, o)
+		if err != nil {
+			return ctrl.Result{}, err
+		}
+		if err := r.deletePVCWork(ctx, o, claim); err != nil {
+			return ctrl.Result{}, err
+		}
+	}
+	// Even an image stored in a claim may have an upload blob in DVCR.
 	if err := r.cfg.Registry.Delete(ctx, ref(o)); err != nil {
 		r.recorder.Eventf(o.obj(), corev1.EventTypeWarning, eventDeleteFailed, "Deleting the image from DVCR failed, retrying: %v", err)
 		return ctrl.Result{}, fmt.Errorf("deleting %s from DVCR: %w", ref(o), err)

@@ -4,6 +4,7 @@ import (
 	"context"
 
 	corev1 "k8s.io/api/core/v1"
+	storagev1 "k8s.io/api/storage/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/types"
 	ctrl "sigs.k8s.io/controller-runtime"
@@ -100,6 +101,21 @@ func SetupWithManager(mgr ctrl.Manager, vi, cvi *Reconciler) error {
 		Watches(&corev1.Secret{}, toImage(layout.KindVirtualImage), builder.WithPredicates(uploads)).
 		Watches(&v1.VirtualImage{}, dependents(viList, v1.ObjectRefKindVirtualImage)).
 		Watches(&v1.ClusterVirtualImage{}, dependents(viList, v1.ObjectRefKindClusterVirtualImage)).
+		// Images stored in claims: their claims, and a class appearing.
+		Owns(&corev1.PersistentVolumeClaim{}).
+		Watches(&storagev1.StorageClass{}, handler.EnqueueRequestsFromMapFunc(func(c context.Context, _ client.Object) []reconcile.Request {
+			var l v1.VirtualImageList
+			if err := mgr.GetClient().List(c, &l); err != nil {
+				return nil
+			}
+			var out []reconcile.Request
+			for _, it := range l.Items {
+				if it.Spec.Storage == v1.StoragePersistentVolumeClaim && it.Status.Phase != v1.ImagePhaseReady {
+					out = append(out, reconcile.Request{NamespacedName: client.ObjectKeyFromObject(&it)})
+				}
+			}
+			return out
+		})).
 		Complete(vi); err != nil {
 		return err
 	}
