@@ -265,11 +265,7 @@ func claimEvents(f *framework.Framework, claim string) string {
 // deleted.
 func TestPopulate_TooSmallClaimFailsClearly(t *testing.T) {
 	f := framework.New(t)
-	dir := t.TempDir()
-	raw := filepath.Join(dir, "disk.raw")
-	testimg.Pattern(t, raw, 64<<20, 3)
-	testimg.QemuImg(t, "convert", "-O", "qcow2", raw, filepath.Join(dir, "disk.qcow2"))
-	srv := startFileServer(t, dir)
+	srv, _ := serveQcow2(t, 64<<20, 3, false)
 	f.Apply(viManifest("big", srv.url("disk.qcow2"), ""))
 	waitPhase(f, "vi", "big", v1.ImagePhaseReady, 3*time.Minute)
 	for _, mode := range []string{"Block", "Filesystem"} {
@@ -309,14 +305,26 @@ func TestPopulate_TooSmallClaimFailsClearly(t *testing.T) {
 	waitPopulateGone(f)
 }
 
+// serveQcow2 serves disk.qcow2, a qcow2 (zlib-compressed clusters if
+// compressed) of a pattern of size bytes made from seed, and returns the
+// server and the raw disk.
+func serveQcow2(t *testing.T, size int64, seed uint64, compressed bool) (*fileServer, string) {
+	t.Helper()
+	dir := t.TempDir()
+	raw := filepath.Join(dir, "disk.raw")
+	testimg.Pattern(t, raw, size, seed)
+	args := []string{"convert", "-O", "qcow2"}
+	if compressed {
+		args = append(args, "-c")
+	}
+	testimg.QemuImg(t, append(args, raw, filepath.Join(dir, "disk.qcow2"))...)
+	return startFileServer(t, dir), raw
+}
+
 // bigImage imports a 512 MiB image, large enough that its copy takes a
 // while, and returns its reference raw file.
 func bigImage(t *testing.T, f *framework.Framework, name string) string {
-	dir := t.TempDir()
-	raw := filepath.Join(dir, "disk.raw")
-	testimg.Pattern(t, raw, 512<<20, 9)
-	testimg.QemuImg(t, "convert", "-O", "qcow2", "-c", raw, filepath.Join(dir, "disk.qcow2"))
-	srv := startFileServer(t, dir)
+	srv, raw := serveQcow2(t, 512<<20, 9, true)
 	f.Apply(viManifest(name, srv.url("disk.qcow2"), ""))
 	waitPhase(f, "vi", name, v1.ImagePhaseReady, 5*time.Minute)
 	return raw

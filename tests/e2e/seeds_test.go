@@ -32,7 +32,9 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
 	corev1 "k8s.io/api/core/v1"
+	storagev1 "k8s.io/api/storage/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/utils/ptr"
 	"sigs.k8s.io/yaml"
 
 	v1 "vimg.dev/vimg/pkg/apis/virtualization/v1alpha2"
@@ -48,10 +50,11 @@ var seedHosts = []string{"cloud-images.ubuntu.com", "index.docker.io", "registry
 
 const seedDir = "../integration/testdata/seeds"
 
-// TestSeeds_ContainerRegistryExamplesWorkAsDocumented applies every example
-// of the user docs that stores an image in DVCR, unchanged (but for the
-// <username> the reader fills in), and checks what the docs promise.
-func TestSeeds_ContainerRegistryExamplesWorkAsDocumented(t *testing.T) {
+// TestSeeds_ExamplesWorkAsDocumented applies every example of the user
+// docs, unchanged (but for the <username> the reader fills in), and checks
+// what the docs promise. The class one example names ("substitute your
+// StorageClass") is made, backed by the test cluster's storage.
+func TestSeeds_ExamplesWorkAsDocumented(t *testing.T) {
 	f := framework.New(t)
 	dir := t.TempDir()
 	raw := filepath.Join(dir, "disk.raw")
@@ -62,6 +65,14 @@ func TestSeeds_ContainerRegistryExamplesWorkAsDocumented(t *testing.T) {
 	caPEM, cert := seedCertificate(t)
 	serveSeedHosts(t, f, qcow, cert)
 	useSeedDNSAndCA(t, f, caPEM)
+	seedClass := &storagev1.StorageClass{ObjectMeta: metav1.ObjectMeta{Name: "i-sds-replicated-thin-r2"},
+		Provisioner: "hostpath.test.vimg.dev", VolumeBindingMode: ptr.To(storagev1.VolumeBindingImmediate)}
+	if _, err := f.Client.StorageV1().StorageClasses().Create(f.Ctx(time.Minute), seedClass, metav1.CreateOptions{}); err != nil {
+		t.Fatalf("creating the StorageClass an example names: %v", err)
+	}
+	t.Cleanup(func() {
+		_ = f.Client.StorageV1().StorageClasses().Delete(context.Background(), seedClass.Name, metav1.DeleteOptions{})
+	})
 
 	files, err := filepath.Glob(filepath.Join(seedDir, "*.yaml"))
 	if err != nil || len(files) == 0 {
@@ -77,9 +88,6 @@ func TestSeeds_ContainerRegistryExamplesWorkAsDocumented(t *testing.T) {
 		var vi v1.VirtualImage
 		if err := yaml.Unmarshal(data, &vi); err != nil {
 			t.Fatal(err)
-		}
-		if vi.Spec.Storage != v1.StorageContainerRegistry {
-			continue // storage PersistentVolumeClaim: the populator's issue
 		}
 		seed := strings.SplitN(filepath.Base(file), "-", 2)[0]
 		bySeed[seed] = append(bySeed[seed], string(placeholder.ReplaceAll(data, []byte("vimg-$1"))))
@@ -109,6 +117,19 @@ func checkSeed(f *framework.Framework, vi *v1.VirtualImage, disk string) {
 	t := f.T
 	ds := vi.Spec.DataSource
 	switch {
+	case vi.Spec.Storage == v1.StoragePersistentVolumeClaim:
+		// "Ready, 100%", in a claim of the class the example names or of
+		// the cluster's default.
+		st := waitPhase(f, "vi", vi.Name, v1.ImagePhaseReady, 5*time.Minute)
+		class := "local-wffc"
+		if p := vi.Spec.PersistentVolumeClaim; p != nil && p.StorageClassName != nil {
+			class = *p.StorageClassName
+		}
+		if st.Format != v1.ImageFormatQCOW2 || st.Size.UnpackedBytes != "33554432" || st.Progress != "100%" ||
+			st.Target.PersistentVolumeClaimName == "" || st.Target.RegistryURL != "" || st.StorageClassName != class {
+			t.Errorf("%s (storage PersistentVolumeClaim): status %+v", vi.Name, st)
+		}
+		t.Logf("%s (HTTP, storage PersistentVolumeClaim): Ready, %s, %s, claim %s of class %s", vi.Name, st.Format, st.Size.Unpacked, st.Target.PersistentVolumeClaimName, st.StorageClassName)
 	case ds.Type == v1.DataSourceTypeHTTP || ds.Type == v1.DataSourceTypeContainerImage:
 		st := waitPhase(f, "vi", vi.Name, v1.ImagePhaseReady, 3*time.Minute)
 		if st.Format != v1.ImageFormatQCOW2 || st.Size.UnpackedBytes != "33554432" || st.CDROM || st.Progress != "100%" {
