@@ -152,7 +152,7 @@ func TestPVCStorage_ImagesLiveInTheirOwnClaimFilledStraightFromTheSource(t *test
 func TestPVCStorage_BadInputFailsClearlyAndLeavesNothing(t *testing.T) {
 	f := framework.New(t)
 	srv, _ := serveQcow2(t, 16<<20, 5, false)
-	f.Apply(pvcImage("bad-sum", "local-immediate", httpSource(srv.url("disk.qcow2"))+"      checksum:\n        sha256: "+strings.Repeat("0", 64)+"\n"))
+	f.Apply(pvcImage("bad-sum", "local-immediate", httpSource(srv.url("disk.qcow2"))+"      checksum:\n        sha256: \""+strings.Repeat("0", 64)+"\"\n"))
 	f.Apply(pvcImage("no-class", "no-such-class", httpSource(srv.url("disk.qcow2"))))
 	f.Apply(pvcImage("no-file", "local-immediate", httpSource(srv.url("missing.qcow2"))))
 
