@@ -2,8 +2,10 @@ package app
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"os/signal"
+	"strconv"
 	"syscall"
 
 	"github.com/spf13/cobra"
@@ -28,9 +30,37 @@ func newWorkerCommand() *cobra.Command {
 			func(ctx context.Context, cfg worker.Config) error {
 				return worker.Populate(ctx, worker.PopulateConfig{Config: cfg})
 			}),
+		newServeCommand(),
 		newUploadGatewayCommand(),
 	)
 	return cmd
+}
+
+// newServeCommand is `vimg worker serve`, what the populator's serve pods
+// run: the disk of an image stored in a claim, to the pods copying it. The
+// token and the image's size come from the environment.
+func newServeCommand() *cobra.Command {
+	cfg := worker.ServeConfig{Path: api.ServeSourceDir + "/" + api.DiskFile, Addr: fmt.Sprintf(":%d", api.ServePort)}
+	c := &cobra.Command{
+		Use:   "serve",
+		Short: "Serve an image stored in a claim to the pods copying it",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			ctx = klog.NewContext(ctx, klog.Background())
+			cfg.Token = os.Getenv(api.ServeTokenEnv)
+			size, err := strconv.ParseInt(os.Getenv(api.ServeSizeEnv), 10, 64)
+			if err != nil {
+				return fmt.Errorf("%s: %w", api.ServeSizeEnv, err)
+			}
+			cfg.Size = size
+			return worker.Serve(ctx, cfg)
+		},
+	}
+	c.Flags().StringVar(&cfg.Path, "path", cfg.Path, "the disk to serve")
+	c.Flags().StringVar(&cfg.Addr, "listen", cfg.Addr, "address to listen on")
+	return c
 }
 
 // podCommand is a worker subcommand: run, on the request file its --request

@@ -160,3 +160,20 @@ func ImageClaimName(name, uid string) string { return "vi-" + name + "-" + uid }
 // SourceSecretName is the name of the Secret, in the populator's
 // namespace, holding the import Request of the image with UID uid.
 func SourceSecretName(uid string) string { return "vimg-source-" + uid }
+
+// Copies of an image stored in a claim: the populator runs a serve pod in
+// the image's namespace that mounts the image's claim read-only and serves
+// its disk over HTTP (ranges, a bearer token per copy); the copy's populate
+// pod reads it there like any HTTP source.
+const (
+	// ServePort is the serve pod's port; ServePath the disk's URL path.
+	ServePort = 8080
+	ServePath = "/disk"
+	// ServeSourceDir is where the serve pod mounts the image's claim.
+	ServeSourceDir = "/source"
+	// ServeTokenEnv and ServeSizeEnv are the serve pod's environment: the
+	// bearer token a reader must show, and how many bytes of disk.img
+	// are the image (the rest is the claim's padding).
+	ServeTokenEnv = "VIMG_SERVE_TOKEN"
+	ServeSizeEnv  = "VIMG_SERVE_SIZE"
+)
