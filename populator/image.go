@@ -2,6 +2,7 @@ package populator
 
 import (
 	"fmt"
+	"strconv"
 	"strings"
 
 	corev1 "k8s.io/api/core/v1"
@@ -34,6 +35,9 @@ type image struct {
 	// refKind, refNamespace and refName name the image an image copies
 	// (dataSource type ObjectRef).
 	refKind, refNamespace, refName string
+	// claimName and virtualSize of an image stored in a claim.
+	claimName   string
+	virtualSize int64
 }
 
 func imageOf(u *unstructured.Unstructured) image {
@@ -51,7 +55,9 @@ func imageOf(u *unstructured.Unstructured) image {
 		registryURL: str("status", "target", "registryURL"),
 		progress:    str("status", "progress"),
 		deleting:    u.GetDeletionTimestamp() != nil,
+		claimName:   str("status", "target", "persistentVolumeClaimName"),
 	}
+	im.virtualSize, _ = strconv.ParseInt(str("status", "size", "unpackedBytes"), 10, 64)
 	if str("spec", "dataSource", "type") == string(v1.DataSourceTypeObjectRef) {
 		im.refKind, im.refName = str("spec", "dataSource", "objectRef", "kind"), str("spec", "dataSource", "objectRef", "name")
 		switch im.refKind {
@@ -87,8 +93,6 @@ func (im image) notUsable(dvcrAddress string) (why string, wait bool) {
 	switch {
 	case im.deleting:
 		return im.String() + " is being deleted", true
-	case im.storage == string(v1.StoragePersistentVolumeClaim):
-		return im.String() + " is stored in a PersistentVolumeClaim; only images stored in DVCR (storage: ContainerRegistry) can fill other claims yet", false
 	case im.phase != v1.ImagePhaseReady:
 		phase := string(im.phase)
 		if phase == "" {
@@ -98,6 +102,10 @@ func (im image) notUsable(dvcrAddress string) (why string, wait bool) {
 			phase += " " + im.progress
 		}
 		return fmt.Sprintf("%s is %s; the claim is filled once it is Ready", im, phase), true
+	case im.storage == string(v1.StoragePersistentVolumeClaim):
+		if im.claimName == "" || im.virtualSize <= 0 {
+			return fmt.Sprintf("%s is Ready but its status names no claim or size", im), true
+		}
 	case !strings.HasPrefix(im.registryURL, dvcrAddress+"/"):
 		return fmt.Sprintf("%s is Ready but its registryURL %q is not in DVCR at %s", im, im.registryURL, dvcrAddress), true
 	}

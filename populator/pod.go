@@ -1,10 +1,17 @@
 package populator
 
 import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
 	"strconv"
 
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/klog/v2"
 	"k8s.io/utils/ptr"
 
 	"vimg.dev/vimg/pkg/worker/api"
@@ -79,4 +86,105 @@ func (w *worker) buildPod(pvc, prime *corev1.PersistentVolumeClaim, block bool, 
 			Volumes:                      volumes,
 		},
 	}
+}
+
+// componentServe labels serve pods.
+const componentServe = "serve"
+
+// ensureServePod returns the claim's serve pod, made if missing: in the
+// image's namespace (a claim can be mounted only there), mounting the
+// image's claim read-only, with a token of its own. It runs as qemu's user,
+// which owns disk.img, with no service account token and no privilege: it
+// passes the restricted Pod Security level of any namespace, and
+// deploy/populator.yaml's admission policy refuses the populator any other
+// pod outside its namespace.
+func (w *worker) ensureServePod(ctx context.Context, pvc *corev1.PersistentVolumeClaim, im image) (*corev1.Pod, error) {
+	if p, err := w.servePods.Pods(pvc.Namespace).Get(servePodName(pvc)); err == nil {
+		return p, nil
+	} else if !apierrors.IsNotFound(err) {
+		return nil, err
+	}
+	token := make([]byte, 32)
+	if _, err := rand.Read(token); err != nil {
+		return nil, err
+	}
+	p := w.buildServePod(pvc, im, hex.EncodeToString(token))
+	created, err := w.kube.CoreV1().Pods(pvc.Namespace).Create(ctx, p, metav1.CreateOptions{})
+	if apierrors.IsAlreadyExists(err) {
+		return w.kube.CoreV1().Pods(pvc.Namespace).Get(ctx, p.Name, metav1.GetOptions{})
+	}
+	if err != nil {
+		return nil, fmt.Errorf("creating serve pod %s/%s: %w", p.Namespace, p.Name, err)
+	}
+	klog.FromContext(ctx).Info("Started serve pod", "pvc", klog.KObj(pvc), "pod", klog.KObj(created), "source", im.claimName)
+	return created, nil
+}
+
+func (w *worker) buildServePod(pvc *corev1.PersistentVolumeClaim, im image, token string) *corev1.Pod {
+	c := api.Container("serve", w.cfg.WorkerImage, w.cfg.WorkerImagePullPolicy, "serve", w.cfg.WorkerResources)
+	c.Env = append(c.Env,
+		corev1.EnvVar{Name: api.ServeTokenEnv, Value: token},
+		corev1.EnvVar{Name: api.ServeSizeEnv, Value: strconv.FormatInt(im.virtualSize, 10)})
+	c.Ports = []corev1.ContainerPort{{Name: "disk", ContainerPort: api.ServePort}}
+	c.ReadinessProbe = &corev1.Probe{
+		ProbeHandler:  corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: "/healthz", Port: intstr.FromInt(api.ServePort)}},
+		PeriodSeconds: 2,
+	}
+	c.VolumeMounts = []corev1.VolumeMount{{Name: "source", MountPath: api.ServeSourceDir, ReadOnly: true}}
+	labels := w.labels(pvc)
+	labels[LabelComponent] = componentServe
+	return &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{
+			Name: servePodName(pvc), Namespace: pvc.Namespace, Labels: labels,
+			// The claim being filled owns it: it goes with the claim.
+			OwnerReferences: []metav1.OwnerReference{{APIVersion: "v1", Kind: "PersistentVolumeClaim", Name: pvc.Name, UID: pvc.UID}},
+		},
+		Spec: corev1.PodSpec{
+			RestartPolicy:                 corev1.RestartPolicyAlways,
+			AutomountServiceAccountToken:  ptr.To(false),
+			TerminationGracePeriodSeconds: ptr.To[int64](5),
+			SecurityContext: &corev1.PodSecurityContext{
+				RunAsUser:      ptr.To[int64](qemuID),
+				RunAsGroup:     ptr.To[int64](qemuID),
+				RunAsNonRoot:   ptr.To(true),
+				SeccompProfile: &corev1.SeccompProfile{Type: corev1.SeccompProfileTypeRuntimeDefault},
+			},
+			Containers: []corev1.Container{c},
+			Volumes: []corev1.Volume{{Name: "source", VolumeSource: corev1.VolumeSource{PersistentVolumeClaim: &corev1.PersistentVolumeClaimVolumeSource{
+				ClaimName: im.claimName, ReadOnly: true,
+			}}}},
+		},
+	}
+}
+
+// removeServePod deletes the claim's serve pod, if the cache knows one.
+func (w *worker) removeServePod(ctx context.Context, pvc *corev1.PersistentVolumeClaim) error {
+	if _, err := w.servePods.Pods(pvc.Namespace).Get(servePodName(pvc)); apierrors.IsNotFound(err) {
+		return nil
+	}
+	err := w.kube.CoreV1().Pods(pvc.Namespace).Delete(ctx, servePodName(pvc), metav1.DeleteOptions{})
+	if err != nil && !apierrors.IsNotFound(err) {
+		return fmt.Errorf("deleting serve pod: %w", err)
+	}
+	return nil
+}
+
+func podReady(p *corev1.Pod) bool {
+	for _, c := range p.Status.Conditions {
+		if c.Type == corev1.PodReady {
+			return c.Status == corev1.ConditionTrue
+		}
+	}
+	return false
+}
+
+func envOf(p *corev1.Pod, name string) string {
+	for _, c := range p.Spec.Containers {
+		for _, e := range c.Env {
+			if e.Name == name {
+				return e.Value
+			}
+		}
+	}
+	return ""
 }

@@ -25,6 +25,15 @@ func testImage(phase, storage, url string) *unstructured.Unstructured {
 	return u
 }
 
+// pvcImage is a Ready image stored in its claim "vi-img-u1" (64 MiB).
+func pvcImage() *unstructured.Unstructured {
+	u := testImage("Ready", "PersistentVolumeClaim", "")
+	st := u.Object["status"].(map[string]any)
+	st["target"] = map[string]any{"persistentVolumeClaimName": "vi-img-u1"}
+	st["size"] = map[string]any{"unpackedBytes": "67108864"}
+	return u
+}
+
 func TestImage_NotUsableSaysWhyAndWhetherToWait(t *testing.T) {
 	const dvcr = "vimg-dvcr.vimg-system.svc:443"
 	for name, tc := range map[string]struct {
@@ -32,12 +41,13 @@ func TestImage_NotUsableSaysWhyAndWhetherToWait(t *testing.T) {
 		wait     bool
 		contains string
 	}{
-		"ready":         {testImage("Ready", "ContainerRegistry", dvcr+"/vi/ns/img:u1"), false, ""},
-		"provisioning":  {testImage("Provisioning", "ContainerRegistry", ""), true, "Provisioning 40%"},
-		"no phase yet":  {testImage("", "ContainerRegistry", ""), true, "is Pending"},
-		"failed":        {testImage("Failed", "ContainerRegistry", ""), true, "is Failed"},
-		"pvc storage":   {testImage("Ready", "PersistentVolumeClaim", ""), false, "stored in a PersistentVolumeClaim"},
-		"elsewhere url": {testImage("Ready", "ContainerRegistry", "other:5000/vi/ns/img:u1"), true, "not in DVCR"},
+		"ready":                     {testImage("Ready", "ContainerRegistry", dvcr+"/vi/ns/img:u1"), false, ""},
+		"provisioning":              {testImage("Provisioning", "ContainerRegistry", ""), true, "Provisioning 40%"},
+		"no phase yet":              {testImage("", "ContainerRegistry", ""), true, "is Pending"},
+		"failed":                    {testImage("Failed", "ContainerRegistry", ""), true, "is Failed"},
+		"pvc storage, no claim yet": {testImage("Ready", "PersistentVolumeClaim", ""), true, "names no claim"},
+		"pvc storage":               {pvcImage(), false, ""},
+		"elsewhere url":             {testImage("Ready", "ContainerRegistry", "other:5000/vi/ns/img:u1"), true, "not in DVCR"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			why, wait := imageOf(tc.u).notUsable(dvcr)
@@ -195,5 +205,27 @@ func TestWorker_FromSourcePodsGetTheImportRequestAndTrustedCAs(t *testing.T) {
 	}
 	if !strings.Contains(certDir, api.TrustedCADir) {
 		t.Fatalf("SSL_CERT_DIR %q", certDir)
+	}
+}
+
+func TestWorker_ServePodsReadTheImageClaimWithoutPrivileges(t *testing.T) {
+	w := &worker{cfg: Config{Namespace: "vimg-populate", WorkerImage: "img"}}
+	pvc := &corev1.PersistentVolumeClaim{ObjectMeta: metav1.ObjectMeta{Name: "disk", Namespace: "ns", UID: "u"}}
+	p := w.buildServePod(pvc, imageOf(pvcImage()), "secret-token")
+	if p.Namespace != "ns" || p.OwnerReferences[0].UID != "u" || p.Labels[LabelComponent] != componentServe {
+		t.Fatalf("serve pod %s/%s owners %v labels %v", p.Namespace, p.Name, p.OwnerReferences, p.Labels)
+	}
+	if v := p.Spec.Volumes; len(v) != 1 || v[0].PersistentVolumeClaim == nil || v[0].PersistentVolumeClaim.ClaimName != "vi-img-u1" || !v[0].PersistentVolumeClaim.ReadOnly {
+		t.Fatalf("volumes %+v", v)
+	}
+	c := p.Spec.Containers[0]
+	if len(c.VolumeMounts) != 1 || !c.VolumeMounts[0].ReadOnly || envOf(p, api.ServeTokenEnv) != "secret-token" || envOf(p, api.ServeSizeEnv) != "67108864" {
+		t.Fatalf("mounts %+v env %+v", c.VolumeMounts, c.Env)
+	}
+	// What the restricted Pod Security level asks.
+	sc := p.Spec.SecurityContext
+	if *p.Spec.AutomountServiceAccountToken || !*sc.RunAsNonRoot || *sc.RunAsUser != 107 || sc.SeccompProfile == nil ||
+		*c.SecurityContext.AllowPrivilegeEscalation || c.SecurityContext.Capabilities.Drop[0] != "ALL" {
+		t.Fatalf("serve pod security %+v / %+v", sc, c.SecurityContext)
 	}
 }

@@ -51,9 +51,13 @@ func Run(ctx context.Context, cfg Config, rc *rest.Config, kubeconfig string) er
 	// claims and prime claims); images of both kinds.
 	podFactory := informers.NewSharedInformerFactoryWithOptions(kube, 0, informers.WithNamespace(cfg.Namespace),
 		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = LabelComponent + "=" + componentPopulate }))
+	// Serve pods, in the namespaces of the images they serve.
+	serveFactory := informers.NewSharedInformerFactoryWithOptions(kube, 0,
+		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = LabelComponent + "=" + componentServe }))
 	factory := informers.NewSharedInformerFactory(kube, 0)
 	dynFactory := dynamicinformer.NewDynamicSharedInformerFactory(dyn, 0)
 	pods := podFactory.Core().V1().Pods()
+	servePods := serveFactory.Core().V1().Pods()
 	pvcs := factory.Core().V1().PersistentVolumeClaims()
 	scs := factory.Storage().V1().StorageClasses()
 	vis := dynFactory.ForResource(VirtualImageGVR)
@@ -62,7 +66,7 @@ func Run(ctx context.Context, cfg Config, rc *rest.Config, kubeconfig string) er
 		return err
 	}
 
-	w := &worker{cfg: cfg, kube: kube, pods: pods.Lister(), recorder: recorder, said: map[types.UID]string{}}
+	w := &worker{cfg: cfg, kube: kube, pods: pods.Lister(), servePods: servePods.Lister(), recorder: recorder, said: map[types.UID]string{}}
 	c := &claims{w: w, pvcs: pvcs.Lister(), scs: scs.Lister(),
 		vis: dynamiclister.New(vis.Informer().GetIndexer(), VirtualImageGVR), cvis: dynamiclister.New(cvis.Informer().GetIndexer(), ClusterVirtualImageGVR)}
 	w.lookup = c.image
@@ -89,11 +93,15 @@ func Run(ctx context.Context, cfg Config, rc *rest.Config, kubeconfig string) er
 	handlers := func(fn func(obj any)) cache.ResourceEventHandlerFuncs {
 		return cache.ResourceEventHandlerFuncs{AddFunc: fn, UpdateFunc: func(_, n any) { fn(n) }, DeleteFunc: fn}
 	}
-	if _, err := pods.Informer().AddEventHandler(handlers(func(obj any) {
+	podHandler := handlers(func(obj any) {
 		if p := objectOf(obj); p != nil && p.GetLabels()[LabelClaimName] != "" {
 			enqueue(p.GetLabels()[LabelClaimNamespace], p.GetLabels()[LabelClaimName])
 		}
-	})); err != nil {
+	})
+	if _, err := pods.Informer().AddEventHandler(podHandler); err != nil {
+		return err
+	}
+	if _, err := servePods.Informer().AddEventHandler(podHandler); err != nil {
 		return err
 	}
 	if _, err := pvcs.Informer().AddEventHandler(handlers(func(obj any) {
@@ -132,9 +140,10 @@ func Run(ctx context.Context, cfg Config, rc *rest.Config, kubeconfig string) er
 	}
 
 	podFactory.Start(ctx.Done())
+	serveFactory.Start(ctx.Done())
 	factory.Start(ctx.Done())
 	dynFactory.Start(ctx.Done())
-	if !cache.WaitForCacheSync(ctx.Done(), pods.Informer().HasSynced, pvcs.Informer().HasSynced, scs.Informer().HasSynced,
+	if !cache.WaitForCacheSync(ctx.Done(), pods.Informer().HasSynced, servePods.Informer().HasSynced, pvcs.Informer().HasSynced, scs.Informer().HasSynced,
 		vis.Informer().HasSynced, cvis.Informer().HasSynced) {
 		return fmt.Errorf("populator: informers did not sync: %w", context.Cause(ctx))
 	}

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"strconv"
 	"sync"
 	"time"
@@ -20,6 +21,7 @@ import (
 	"k8s.io/klog/v2"
 
 	dvcrclient "vimg.dev/vimg/dvcr/client"
+	v1 "vimg.dev/vimg/pkg/apis/virtualization/v1alpha2"
 	"vimg.dev/vimg/pkg/importer"
 	"vimg.dev/vimg/pkg/worker/api"
 )
@@ -27,10 +29,13 @@ import (
 // worker holds what populating one claim needs; the library (VirtualImage)
 // and cluster.go (ClusterVirtualImage) call its three steps.
 type worker struct {
-	cfg      Config
-	kube     kubernetes.Interface
-	pods     corelisters.PodLister // in cfg.Namespace
-	recorder record.EventRecorder
+	cfg  Config
+	kube kubernetes.Interface
+	pods corelisters.PodLister // in cfg.Namespace
+	// servePods lists serve pods, in the namespaces of the images they
+	// serve.
+	servePods corelisters.PodLister
+	recorder  record.EventRecorder
 	// lookup finds an image by kind ("VirtualImage", "ClusterVirtualImage"),
 	// namespace and name in the informers' caches.
 	lookup func(kind, namespace, name string) (*unstructured.Unstructured, error)
@@ -41,9 +46,13 @@ type worker struct {
 	said map[types.UID]string
 }
 
-func podName(pvc *corev1.PersistentVolumeClaim) string    { return "vimg-populate-" + string(pvc.UID) }
-func secretName(pvc *corev1.PersistentVolumeClaim) string { return "vimg-populate-" + string(pvc.UID) }
-func primeName(pvc *corev1.PersistentVolumeClaim) string  { return primePrefix + string(pvc.UID) }
+func podName(pvc *corev1.PersistentVolumeClaim) string { return "vimg-populate-" + string(pvc.UID) }
+func servePodName(pvc *corev1.PersistentVolumeClaim) string {
+	return "vimg-serve-" + string(pvc.UID)
+}
+func copySecretName(pvc *corev1.PersistentVolumeClaim) string { return "vimg-copy-" + string(pvc.UID) }
+func secretName(pvc *corev1.PersistentVolumeClaim) string     { return "vimg-populate-" + string(pvc.UID) }
+func primeName(pvc *corev1.PersistentVolumeClaim) string      { return primePrefix + string(pvc.UID) }
 
 // say records an event on the claim unless the same was said last.
 func (w *worker) say(pvc *corev1.PersistentVolumeClaim, typ, reason, msg string) {
@@ -78,18 +87,21 @@ func (w *worker) populate(ctx context.Context, pvc, prime *corev1.PersistentVolu
 	if im.ownsClaim(pvc, u) {
 		return w.populateImageClaim(ctx, pvc, prime, im)
 	}
-	return w.populateFromDVCR(ctx, pvc, prime, im)
+	return w.populateFrom(ctx, pvc, prime, im)
 }
 
-// populateFromDVCR fills the claim from the image's copy in DVCR, pinned
-// by its manifest digest.
-func (w *worker) populateFromDVCR(ctx context.Context, pvc, prime *corev1.PersistentVolumeClaim, im image) error {
+// populateFrom fills the claim from a Ready image: from its copy in DVCR,
+// pinned by its manifest digest, or from the image's own claim.
+func (w *worker) populateFrom(ctx context.Context, pvc, prime *corev1.PersistentVolumeClaim, im image) error {
 	if why, wait := im.notUsable(w.cfg.DVCRAddress); why != "" {
 		if wait {
 			w.say(pvc, corev1.EventTypeNormal, ReasonWaitingForImage, why)
 			return nil
 		}
 		return w.fail(ctx, pvc, prime, ReasonImageNotUsable, why)
+	}
+	if im.storage == string(v1.StoragePersistentVolumeClaim) {
+		return w.populateFromClaim(ctx, pvc, prime, im)
 	}
 	ref := im.ref(w.cfg.DVCRAddress)
 	meta, digest, err := w.cfg.Registry.Stat(ctx, ref)
@@ -100,14 +112,9 @@ func (w *worker) populateFromDVCR(ctx context.Context, pvc, prime *corev1.Persis
 	if err != nil {
 		return fmt.Errorf("reading %s from DVCR: %w", ref, err)
 	}
-	block := isBlock(pvc)
-	capacity := claimCapacity(prime)
-	if msg := w.tooSmall(block, capacity, meta.VirtualSize); msg != "" {
-		return w.fail(ctx, pvc, prime, api.ReasonTooSmall, msg)
-	}
-	attempts, due := w.due(prime)
-	if !due {
-		return nil
+	a, ok, err := w.admit(ctx, pvc, prime, meta.VirtualSize)
+	if !ok || err != nil {
+		return err
 	}
 	repo, err := importer.Repository(ref)
 	if err != nil {
@@ -120,10 +127,10 @@ func (w *worker) populateFromDVCR(ctx context.Context, pvc, prime *corev1.Persis
 	if err != nil {
 		return err
 	}
-	req := w.request(block, capacity)
+	req := w.request(a)
 	req.DVCR = api.DVCRSpec{Address: w.cfg.DVCRAddress, Ref: repo + "@" + digest, Token: token, CABundle: w.cfg.DVCRCA}
-	return w.startPod(ctx, pvc, prime, req, "", attempts, fmt.Sprintf("Writing %s (%s, %s virtual, %s) onto the %s volume",
-		im, meta.Format, api.BytesIEC(meta.VirtualSize), digest, volumeMode(block)))
+	return w.startPod(ctx, pvc, prime, a, req, "", fmt.Sprintf("Writing %s (%s, %s virtual, %s) onto the %s volume",
+		im, meta.Format, api.BytesIEC(meta.VirtualSize), digest, volumeMode(a.block)))
 }
 
 // populateImageClaim fills the claim of an image stored in a
@@ -143,7 +150,7 @@ func (w *worker) populateImageClaim(ctx context.Context, pvc, prime *corev1.Pers
 		if err != nil {
 			return err
 		}
-		return w.populateFromDVCR(ctx, pvc, prime, imageOf(src))
+		return w.populateFrom(ctx, pvc, prime, imageOf(src))
 	}
 	sec, err := w.kube.CoreV1().Secrets(w.cfg.Namespace).Get(ctx, api.SourceSecretName(im.uid), metav1.GetOptions{})
 	if apierrors.IsNotFound(err) {
@@ -153,17 +160,75 @@ func (w *worker) populateImageClaim(ctx context.Context, pvc, prime *corev1.Pers
 	if err != nil {
 		return fmt.Errorf("reading the source of %s: %w", im, err)
 	}
-	attempts, due := w.due(prime)
-	if !due {
+	// The image controller sized the claim from the source: the pod
+	// checks it against what it reads.
+	a := admission{block: isBlock(pvc), capacity: claimCapacity(prime)}
+	var due bool
+	if a.attempts, due = w.due(prime); !due {
 		return nil
 	}
 	if exists, err := w.podExists(ctx, pvc); exists || err != nil {
 		return err
 	}
-	block := isBlock(pvc)
-	req := w.request(block, claimCapacity(prime))
+	req := w.request(a)
 	req.FromSource = true
-	return w.startPod(ctx, pvc, prime, req, sec.Name, attempts, fmt.Sprintf("Writing the source of %s onto the %s volume", im, volumeMode(block)))
+	return w.startPod(ctx, pvc, prime, a, req, sec.Name, fmt.Sprintf("Writing the source of %s onto the %s volume", im, volumeMode(a.block)))
+}
+
+// populateFromClaim copies an image stored in a claim: a serve pod in the
+// image's namespace mounts that claim read-only and serves the disk; the
+// populate pod reads it there, with ranges, like an HTTP source.
+func (w *worker) populateFromClaim(ctx context.Context, pvc, prime *corev1.PersistentVolumeClaim, im image) error {
+	if im.namespace != pvc.Namespace {
+		return w.fail(ctx, pvc, prime, ReasonImageNotUsable, fmt.Sprintf("%s is stored in a claim of another namespace", im))
+	}
+	a, ok, err := w.admit(ctx, pvc, prime, im.virtualSize)
+	if !ok || err != nil {
+		return err
+	}
+	serve, err := w.ensureServePod(ctx, pvc, im)
+	if err != nil {
+		return err
+	}
+	if !podReady(serve) || serve.Status.PodIP == "" {
+		w.say(pvc, corev1.EventTypeNormal, ReasonWaitingForImage, fmt.Sprintf("Waiting for pod %s/%s, which serves the claim %s of %s, to be ready",
+			serve.Namespace, serve.Name, im.claimName, im))
+		return nil
+	}
+	if exists, err := w.podExists(ctx, pvc); exists || err != nil {
+		return err
+	}
+	src := api.Request{Source: api.SourceSpec{
+		Type:    api.SourceHTTP,
+		URL:     "http://" + net.JoinHostPort(serve.Status.PodIP, strconv.Itoa(api.ServePort)) + api.ServePath,
+		Headers: map[string]string{"Authorization": "Bearer " + envOf(serve, api.ServeTokenEnv)},
+	}}
+	if err := w.writeSecret(ctx, pvc, prime, copySecretName(pvc), map[string]any{api.RequestFile: src}); err != nil {
+		return err
+	}
+	req := w.request(a)
+	req.FromSource = true
+	return w.startPod(ctx, pvc, prime, a, req, copySecretName(pvc), fmt.Sprintf("Copying %s (%s) from its claim %s onto the %s volume",
+		im, api.BytesIEC(im.virtualSize), im.claimName, volumeMode(a.block)))
+}
+
+// admission is what populating a claim starts from.
+type admission struct {
+	block    bool
+	capacity int64
+	attempts int // pods tried so far
+}
+
+// admit checks that the claim can hold a disk of virtualSize bytes (and
+// fails it for good when it cannot), and that another attempt is due.
+func (w *worker) admit(ctx context.Context, pvc, prime *corev1.PersistentVolumeClaim, virtualSize int64) (admission, bool, error) {
+	a := admission{block: isBlock(pvc), capacity: claimCapacity(prime)}
+	if msg := w.tooSmall(a.block, a.capacity, virtualSize); msg != "" {
+		return a, false, w.fail(ctx, pvc, prime, api.ReasonTooSmall, msg)
+	}
+	var due bool
+	a.attempts, due = w.due(prime)
+	return a, due, nil
 }
 
 func isBlock(pvc *corev1.PersistentVolumeClaim) bool {
@@ -193,19 +258,20 @@ func (w *worker) podExists(ctx context.Context, pvc *corev1.PersistentVolumeClai
 	return false, nil
 }
 
-func (w *worker) request(block bool, capacity int64) api.PopulateRequest {
+func (w *worker) request(a admission) api.PopulateRequest {
 	return api.PopulateRequest{
-		Block:              block,
-		Capacity:           capacity,
+		Block:              a.block,
+		Capacity:           a.capacity,
 		FilesystemOverhead: w.cfg.FilesystemOverhead,
 		UID:                qemuID,
 		GID:                qemuID,
 	}
 }
 
-// startPod writes the request and starts attempt attempts+1; sourceSecret,
+// startPod writes the request and starts attempt a.attempts+1; sourceSecret,
 // when set, is mounted as the import request of a FromSource pod.
-func (w *worker) startPod(ctx context.Context, pvc, prime *corev1.PersistentVolumeClaim, req api.PopulateRequest, sourceSecret string, attempts int, what string) error {
+func (w *worker) startPod(ctx context.Context, pvc, prime *corev1.PersistentVolumeClaim, a admission, req api.PopulateRequest, sourceSecret, what string) error {
+	attempts := a.attempts
 	if err := w.ensureSecret(ctx, pvc, prime, req); err != nil {
 		return err
 	}
@@ -280,6 +346,9 @@ func (w *worker) complete(ctx context.Context, pvc, prime *corev1.PersistentVolu
 		if out.Populated == nil {
 			return false, w.fail(ctx, pvc, prime, importer.ReasonInternal, "the populate pod succeeded without a result")
 		}
+		if err := w.removeServePod(ctx, pvc); err != nil {
+			return false, err
+		}
 		res, _ := json.Marshal(out.Populated)
 		if err := w.setAnnotation(ctx, pvc, api.ClaimAnnotationResult, string(res)); err != nil {
 			return false, err
@@ -335,9 +404,12 @@ func (w *worker) fail(ctx context.Context, pvc, prime *corev1.PersistentVolumeCl
 	return w.removePod(ctx, pvc)
 }
 
-// cleanup removes the pod and Secret of a claim whose population ended.
+// cleanup removes the pods and Secrets of a claim whose population ended.
 func (w *worker) cleanup(ctx context.Context, pvc *corev1.PersistentVolumeClaim) error {
 	w.forget(pvc.UID)
+	if err := w.removeServePod(ctx, pvc); err != nil {
+		return err
+	}
 	return w.removePod(ctx, pvc)
 }
 
@@ -346,9 +418,11 @@ func (w *worker) removePod(ctx context.Context, pvc *corev1.PersistentVolumeClai
 	if err != nil && !apierrors.IsNotFound(err) {
 		return fmt.Errorf("deleting populate pod: %w", err)
 	}
-	err = w.kube.CoreV1().Secrets(w.cfg.Namespace).Delete(ctx, secretName(pvc), metav1.DeleteOptions{})
-	if err != nil && !apierrors.IsNotFound(err) {
-		return fmt.Errorf("deleting the populate request: %w", err)
+	for _, name := range []string{secretName(pvc), copySecretName(pvc)} {
+		err = w.kube.CoreV1().Secrets(w.cfg.Namespace).Delete(ctx, name, metav1.DeleteOptions{})
+		if err != nil && !apierrors.IsNotFound(err) {
+			return fmt.Errorf("deleting the populate request: %w", err)
+		}
 	}
 	return nil
 }
@@ -378,25 +452,39 @@ func (w *worker) setAnnotation(ctx context.Context, pvc *corev1.PersistentVolume
 }
 
 func (w *worker) ensureSecret(ctx context.Context, pvc, prime *corev1.PersistentVolumeClaim, req api.PopulateRequest) error {
-	b, err := json.Marshal(req)
-	if err != nil {
-		return err
+	return w.writeSecret(ctx, pvc, prime, secretName(pvc), map[string]any{api.RequestFile: req})
+}
+
+// writeSecret writes a Secret of the claim's, owned by its prime claim,
+// whose keys hold the values in JSON; an existing one is replaced.
+func (w *worker) writeSecret(ctx context.Context, pvc, prime *corev1.PersistentVolumeClaim, name string, values map[string]any) error {
+	data := map[string][]byte{}
+	for k, v := range values {
+		b, err := json.Marshal(v)
+		if err != nil {
+			return err
+		}
+		data[k] = b
+	}
+	if name == copySecretName(pvc) {
+		// A copy trusts nothing more than the system's roots.
+		data[api.SourceTrustedCAKey] = nil
 	}
 	s := &corev1.Secret{
 		ObjectMeta: metav1.ObjectMeta{
-			Name: secretName(pvc), Namespace: w.cfg.Namespace,
+			Name: name, Namespace: w.cfg.Namespace,
 			Labels:          w.labels(pvc),
 			OwnerReferences: []metav1.OwnerReference{ownerRef(prime)},
 		},
-		Data: map[string][]byte{api.RequestFile: b},
+		Data: data,
 	}
-	_, err = w.kube.CoreV1().Secrets(w.cfg.Namespace).Create(ctx, s, metav1.CreateOptions{})
+	_, err := w.kube.CoreV1().Secrets(w.cfg.Namespace).Create(ctx, s, metav1.CreateOptions{})
 	if apierrors.IsAlreadyExists(err) {
 		// A request left by an earlier pass may hold an expired token.
 		_, err = w.kube.CoreV1().Secrets(w.cfg.Namespace).Update(ctx, s, metav1.UpdateOptions{})
 	}
 	if err != nil {
-		return fmt.Errorf("writing the populate request: %w", err)
+		return fmt.Errorf("writing Secret %s: %w", name, err)
 	}
 	return nil
 }
