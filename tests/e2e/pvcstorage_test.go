@@ -184,3 +184,36 @@ func TestPVCStorage_BadInputFailsClearlyAndLeavesNothing(t *testing.T) {
 		t.Fatalf("no-class: phase %s StorageClassReady %+v", st.Phase, c)
 	}
 }
+
+// TestPVCStorage_ImageFeedsOtherClaims: claims of every class and mode
+// whose dataSourceRef names an image stored in a claim are filled from that
+// claim (a serve pod in the image's namespace reads it, read-only), and
+// hold exactly the image; nothing of the copies is left afterwards.
+func TestPVCStorage_ImageFeedsOtherClaims(t *testing.T) {
+	f := framework.New(t)
+	srv, raw := serveQcow2(t, 40<<20, 17, true)
+	f.Apply(pvcImage("golden", "local-immediate", httpSource(srv.url("disk.qcow2"))))
+	waitPhase(f, "vi", "golden", v1.ImagePhaseReady, 3*time.Minute)
+	for i, vk := range volumeKinds {
+		n := fmt.Sprintf("copy-%d", i)
+		f.Apply(imageClaim(n, vk.class, vk.mode, "VirtualImage", "golden", "64Mi") + "---\n" + shellPod(n, n, vk.mode, readerScript(vk.mode)))
+	}
+	for i, vk := range volumeKinds {
+		t.Run(vk.class+"/"+vk.mode, func(t *testing.T) {
+			f := f.For(t)
+			n := fmt.Sprintf("copy-%d", i)
+			f.WaitForPodPhase(n, corev1.PodSucceeded, 4*time.Minute)
+			checkVolume(t, f, n, vk.mode, f.PodLogs(n), populateImage{raw: raw})
+			if ev := claimEvents(f, n); !strings.Contains(ev, "from its claim") {
+				t.Fatalf("the claim's events do not say it was copied from the image's claim:\n%s", ev)
+			}
+		})
+	}
+	f.WaitFor("the serve pods to go", 2*time.Minute, func(ctx context.Context) (bool, error) {
+		pods, err := f.Client.CoreV1().Pods(f.Namespace).List(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/component=serve"})
+		return err == nil && len(pods.Items) == 0, err
+	})
+	f.Kubectl("", "delete", "pods", "--all", "--wait=true", "--timeout=2m")
+	f.Kubectl("", "delete", "pvc", "-l", "!vimg.dev/image-uid", "--wait=true", "--timeout=2m")
+	waitPopulateGone(f)
+}
