@@ -2,11 +2,14 @@ package populator
 
 import (
 	"context"
+	"encoding/json"
 	"testing"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	storagev1 "k8s.io/api/storage/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -20,6 +23,7 @@ import (
 	"k8s.io/utils/ptr"
 
 	v1 "vimg.dev/vimg/pkg/apis/virtualization/v1alpha2"
+	"vimg.dev/vimg/pkg/worker/api"
 )
 
 // fixture is claims over a fake API server whose listers are refreshed
@@ -66,6 +70,7 @@ func (f *fixture) refresh() {
 	}
 	f.c.pvcs = corelisters.NewPersistentVolumeClaimLister(pvcIdx)
 	f.c.w.pods = corelisters.NewPodLister(podIdx)
+	f.c.w.servePods = f.c.w.pods // the fake holds every pod
 	f.c.scs = storagelisters.NewStorageClassLister(scIdx)
 	f.c.cvis = dynamiclister.New(cviIdx, ClusterVirtualImageGVR)
 	f.c.vis = dynamiclister.New(cache.NewIndexer(cache.MetaNamespaceKeyFunc, cache.Indexers{cache.NamespaceIndex: cache.MetaNamespaceIndexFunc}), VirtualImageGVR)
@@ -172,5 +177,76 @@ func TestClaims_ImageGoneCleansUpAndReleasesADeletedClaim(t *testing.T) {
 	}
 	if hasFinalizer(f.pvc("ns", "disk")) {
 		t.Fatal("a deleted claim whose image is gone keeps the finalizer")
+	}
+}
+
+// TestWorker_CopyOfAnImageStoredInAClaimGoesThroughAServePod drives the
+// steps the library calls for a claim naming an image stored in a claim.
+func TestWorker_CopyOfAnImageStoredInAClaimGoesThroughAServePod(t *testing.T) {
+	f := newFixture(t)
+	ctx := context.Background()
+	pvc := &corev1.PersistentVolumeClaim{ObjectMeta: metav1.ObjectMeta{Name: "disk", Namespace: "ns", UID: "c1"},
+		Spec: corev1.PersistentVolumeClaimSpec{VolumeMode: ptr.To(corev1.PersistentVolumeBlock)}}
+	prime := &corev1.PersistentVolumeClaim{ObjectMeta: metav1.ObjectMeta{Name: "prime-c1", Namespace: "vimg-populate", UID: "p1"},
+		Status: corev1.PersistentVolumeClaimStatus{Capacity: corev1.ResourceList{corev1.ResourceStorage: resource.MustParse("64Mi")}}}
+	for _, c := range []*corev1.PersistentVolumeClaim{pvc, prime} {
+		if _, err := f.kube.CoreV1().PersistentVolumeClaims(c.Namespace).Create(ctx, c, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	populate := func() {
+		t.Helper()
+		f.refresh()
+		if err := f.c.w.populate(ctx, pvc, prime, pvcImage()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	populate()
+	serve, err := f.kube.CoreV1().Pods("ns").Get(ctx, servePodName(pvc), metav1.GetOptions{})
+	if err != nil {
+		t.Fatalf("no serve pod in the image's namespace: %v", err)
+	}
+	if _, err := f.kube.CoreV1().Pods("vimg-populate").Get(ctx, podName(pvc), metav1.GetOptions{}); err == nil {
+		t.Fatal("a populate pod started before the serve pod was ready")
+	}
+	serve.Status = corev1.PodStatus{PodIP: "10.1.2.3", Conditions: []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionTrue}}}
+	if _, err := f.kube.CoreV1().Pods("ns").UpdateStatus(ctx, serve, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	populate()
+	pod, err := f.kube.CoreV1().Pods("vimg-populate").Get(ctx, podName(pvc), metav1.GetOptions{})
+	if err != nil {
+		t.Fatalf("no populate pod once the serve pod is ready: %v", err)
+	}
+	sec, err := f.kube.CoreV1().Secrets("vimg-populate").Get(ctx, copySecretName(pvc), metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var src api.Request
+	if err := json.Unmarshal(sec.Data[api.RequestFile], &src); err != nil {
+		t.Fatal(err)
+	}
+	if src.Source.URL != "http://10.1.2.3:8080/disk" || src.Source.Headers["Authorization"] != "Bearer "+envOf(serve, api.ServeTokenEnv) || len(envOf(serve, api.ServeTokenEnv)) < 32 {
+		t.Fatalf("copy request %+v", src.Source)
+	}
+	var mounted bool
+	for _, v := range pod.Spec.Volumes {
+		mounted = mounted || (v.Secret != nil && v.Secret.SecretName == copySecretName(pvc))
+	}
+	if !mounted {
+		t.Fatalf("the populate pod does not mount %s: %+v", copySecretName(pvc), pod.Spec.Volumes)
+	}
+	// Written: the serve pod goes.
+	pod.Status = corev1.PodStatus{Phase: corev1.PodSucceeded, ContainerStatuses: []corev1.ContainerStatus{{State: corev1.ContainerState{
+		Terminated: &corev1.ContainerStateTerminated{Message: string(api.Outcome{Populated: &api.PopulateResult{VirtualSize: 64 << 20, DiskSize: 64 << 20}}.Encode())}}}}}
+	if _, err := f.kube.CoreV1().Pods("vimg-populate").UpdateStatus(ctx, pod, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	f.refresh()
+	if done, err := f.c.w.complete(ctx, pvc, prime); !done || err != nil {
+		t.Fatalf("complete = %v, %v", done, err)
+	}
+	if _, err := f.kube.CoreV1().Pods("ns").Get(ctx, servePodName(pvc), metav1.GetOptions{}); !apierrors.IsNotFound(err) {
+		t.Fatalf("the serve pod outlived the copy: %v", err)
 	}
 }

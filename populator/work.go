@@ -94,6 +94,10 @@ func (w *worker) populate(ctx context.Context, pvc, prime *corev1.PersistentVolu
 // pinned by its manifest digest, or from the image's own claim.
 func (w *worker) populateFrom(ctx context.Context, pvc, prime *corev1.PersistentVolumeClaim, im image) error {
 	if why, wait := im.notUsable(w.cfg.DVCRAddress); why != "" {
+		// A serve pod would keep the claim of an image being deleted.
+		if err := w.removeServePod(ctx, pvc); err != nil {
+			return err
+		}
 		if wait {
 			w.say(pvc, corev1.EventTypeNormal, ReasonWaitingForImage, why)
 			return nil
