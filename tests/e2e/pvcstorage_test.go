@@ -217,3 +217,40 @@ func TestPVCStorage_ImageFeedsOtherClaims(t *testing.T) {
 	f.Kubectl("", "delete", "pvc", "-l", "!vimg.dev/image-uid", "--wait=true", "--timeout=2m")
 	waitPopulateGone(f)
 }
+
+// TestPVCStorage_PopulatorMayCreateOnlyServePodsOutsideItsNamespace: the
+// populator's right to create pods anywhere (for serve pods) is held by an
+// admission policy; as the populator, anything else is refused with a
+// message saying why.
+func TestPVCStorage_PopulatorMayCreateOnlyServePodsOutsideItsNamespace(t *testing.T) {
+	f := framework.New(t)
+	as := "--as=system:serviceaccount:vimg-system:vimg-populator"
+	for name, c := range map[string]struct{ manifest, says string }{
+		"any pod": {shellPod("plain", "nothing", "Filesystem", "true"), "may create serve pods only"},
+		"a serve pod writing a claim": {`apiVersion: v1
+kind: Pod
+metadata:
+  name: writer
+  labels: {app.kubernetes.io/component: serve}
+spec:
+  automountServiceAccountToken: false
+  securityContext: {runAsNonRoot: true, runAsUser: 107}
+  containers:
+  - name: serve
+    image: ` + busybox + `
+    command: [/usr/bin/vimg, worker, serve]
+    securityContext: {allowPrivilegeEscalation: false}
+    volumeMounts: [{name: v, mountPath: /source}]
+  volumes:
+  - name: v
+    persistentVolumeClaim: {claimName: someone-else}
+`, "mounts claims only, read-only"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			_, err := f.TryKubectl(c.manifest, as, "create", "-f", "-")
+			if err == nil || !strings.Contains(err.Error(), c.says) {
+				t.Fatalf("creating %s as the populator: %v; want a denial saying %q", name, err, c.says)
+			}
+		})
+	}
+}
