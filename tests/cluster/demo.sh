@@ -3,8 +3,9 @@
 # installation is, a disk image made with qemu-img served over HTTP from
 # this machine and imported into DVCR as a VirtualImage, a Debian ISO
 # uploaded with `vimg upload` as a ClusterVirtualImage, a copy of it made
-# inside DVCR, and a Block PersistentVolumeClaim filled from the
-# VirtualImage by the volume populator, read by a pod.
+# inside DVCR, a VirtualImage stored in a claim of its own (filled straight
+# from HTTP), and a Block PersistentVolumeClaim filled from the VirtualImage
+# in DVCR by the volume populator, read by a pod.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -41,6 +42,18 @@ spec:
 apiVersion: virtualization.deckhouse.io/v1alpha2
 kind: VirtualImage
 metadata:
+  name: cirros-like-pvc
+  namespace: vimg-demo
+spec:
+  storage: PersistentVolumeClaim
+  dataSource:
+    type: HTTP
+    http:
+      url: $base/cirros-like.qcow2.xz
+---
+apiVersion: virtualization.deckhouse.io/v1alpha2
+kind: VirtualImage
+metadata:
   name: rescue-iso-copy
   namespace: vimg-demo
 spec:
@@ -61,7 +74,7 @@ fi
 for i in $(seq 1 120); do
 	phases=$(kubectl_lab get vi -n vimg-demo -o jsonpath='{.items[*].status.phase}'; echo -n ' '; kubectl_lab get cvi rescue-iso -o jsonpath='{.status.phase}')
 	case "$phases" in *Failed*) break ;; esac
-	[ "$(echo "$phases" | tr ' ' '\n' | grep -c '^Ready$')" = 3 ] && break
+	[ "$(echo "$phases" | tr ' ' '\n' | grep -c '^Ready$')" = 4 ] && break
 	sleep 1
 done
 echo
@@ -117,7 +130,7 @@ for i in $(seq 1 180); do
 	sleep 1
 done
 echo
-echo "== kubectl -n vimg-demo get pvc (filled by the populator)"
+echo "== kubectl -n vimg-demo get pvc (cirros-like-pvc's own claim, and a claim filled from cirros-like by the populator)"
 kubectl_lab -n vimg-demo get pvc -o wide
 kubectl_lab -n vimg-demo get pvc cirros-like-disk -o jsonpath='{.metadata.annotations.vimg\.dev/populate-progress}{"\n"}'
 kubectl_lab -n vimg-demo logs disk-reader
