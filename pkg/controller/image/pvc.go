@@ -93,12 +93,14 @@ func (r *Reconciler) reconcilePVC(ctx context.Context, o, st object) (ctrl.Resul
 		klog.FromContext(ctx).Info("Deleting the claim of an older spec", "pvc", klog.KObj(claim))
 		return ctrl.Result{}, r.deletePVCWork(ctx, o, claim)
 	}
+	if claim != nil {
+		// The class did its part when the claim was made: what becomes
+		// of it now does not concern the claim.
+		return r.followClaim(ctx, o, st, claim)
+	}
 	class, err := r.storageClass(ctx, o, st)
 	if class == nil || err != nil {
 		return ctrl.Result{}, err
-	}
-	if claim != nil {
-		return r.followClaim(ctx, o, st, claim)
 	}
 	if ref := o.source().Ref; ref != nil {
 		return r.claimFromImage(ctx, o, st, class, *ref)

@@ -172,6 +172,10 @@ func TestPVC_PopulatorProgressThenResultIsReadyAndLosingTheClaimIsPVCLost(t *tes
 	if err := e.c.Update(context.Background(), c); err != nil {
 		t.Fatal(err)
 	}
+	// The class going away no longer concerns a claim that exists.
+	if err := e.c.Delete(context.Background(), storageClass("fast", false, storagev1.VolumeBindingImmediate)); err != nil {
+		t.Fatal(err)
+	}
 	e.reconcileVI("img")
 	if st := e.getVI("img").Status; st.Progress != "42.5%" || st.Phase != v1.ImagePhaseProvisioning {
 		t.Fatalf("phase %s progress %q", st.Phase, st.Progress)
