@@ -200,7 +200,7 @@ func (c *claims) createPrime(ctx context.Context, pvc *corev1.PersistentVolumeCl
 	p := &corev1.PersistentVolumeClaim{
 		ObjectMeta: metav1.ObjectMeta{
 			Name: primeName(pvc), Namespace: c.w.cfg.Namespace,
-			Labels: c.w.labels(pvc),
+			Labels: c.w.labels(pvc), Annotations: annotations(pvc),
 		},
 		Spec: corev1.PersistentVolumeClaimSpec{
 			AccessModes:      pvc.Spec.AccessModes,
@@ -210,7 +210,7 @@ func (c *claims) createPrime(ctx context.Context, pvc *corev1.PersistentVolumeCl
 		},
 	}
 	if node != "" {
-		p.Annotations = map[string]string{annSelectedNode: node}
+		p.Annotations[annSelectedNode] = node
 	}
 	created, err := c.w.kube.CoreV1().PersistentVolumeClaims(p.Namespace).Create(ctx, p, metav1.CreateOptions{})
 	if apierrors.IsAlreadyExists(err) {

@@ -48,7 +48,11 @@ const (
 
 	LabelClaimUID       = "vimg.dev/pvc-uid"
 	LabelClaimNamespace = "vimg.dev/pvc-namespace"
+	// LabelClaimName is set only when the claim's name fits a label value
+	// (63 characters; a claim's name may have 253): it is for selecting by
+	// hand. AnnotationClaimName always holds it, for the populator.
 	LabelClaimName      = "vimg.dev/pvc-name"
+	AnnotationClaimName = "vimg.dev/pvc-name"
 	LabelComponent      = "app.kubernetes.io/component"
 	componentPopulate   = "populate"
 

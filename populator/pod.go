@@ -74,7 +74,7 @@ func (w *worker) buildPod(pvc, prime *corev1.PersistentVolumeClaim, block bool, 
 			Name:            podName(pvc),
 			Namespace:       w.cfg.Namespace,
 			Labels:          w.labels(pvc),
-			Annotations:     map[string]string{AnnotationAttempts: strconv.Itoa(attempt)},
+			Annotations:     annotations(pvc, AnnotationAttempts, strconv.Itoa(attempt)),
 			OwnerReferences: []metav1.OwnerReference{ownerRef(prime)},
 		},
 		Spec: corev1.PodSpec{
@@ -135,7 +135,7 @@ func (w *worker) buildServePod(pvc *corev1.PersistentVolumeClaim, im image, toke
 	labels[LabelComponent] = componentServe
 	return &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{
-			Name: servePodName(pvc), Namespace: pvc.Namespace, Labels: labels,
+			Name: servePodName(pvc), Namespace: pvc.Namespace, Labels: labels, Annotations: annotations(pvc),
 			// The claim being filled owns it: it goes with the claim.
 			OwnerReferences: []metav1.OwnerReference{{APIVersion: "v1", Kind: "PersistentVolumeClaim", Name: pvc.Name, UID: pvc.UID}},
 		},

@@ -229,3 +229,21 @@ func TestWorker_ServePodsReadTheImageClaimWithoutPrivileges(t *testing.T) {
 		t.Fatalf("serve pod security %+v / %+v", sc, c.SecurityContext)
 	}
 }
+
+func TestWorker_ClaimsWithNamesLongerThanALabelAreStillFound(t *testing.T) {
+	w := &worker{cfg: Config{Namespace: "vimg-populate", WorkerImage: "img"}}
+	long := "vi-" + strings.Repeat("a", 40) + "-0f8e2a3c-1111-2222-3333-444455556666"
+	pvc := &corev1.PersistentVolumeClaim{ObjectMeta: metav1.ObjectMeta{Name: long, Namespace: "ns", UID: "u"}}
+	prime := &corev1.PersistentVolumeClaim{ObjectMeta: metav1.ObjectMeta{Name: "prime-u", Namespace: "vimg-populate", UID: "p"}}
+	p := w.buildPod(pvc, prime, false, 1, "")
+	if _, ok := p.Labels[LabelClaimName]; ok {
+		t.Fatalf("a %d-character name went into a label: %v", len(long), p.Labels)
+	}
+	if ns, name := claimOf(p); ns != "ns" || name != long {
+		t.Fatalf("claimOf = %q, %q", ns, name)
+	}
+	short := &corev1.PersistentVolumeClaim{ObjectMeta: metav1.ObjectMeta{Name: "disk", Namespace: "ns", UID: "u"}}
+	if l := w.buildPod(short, prime, false, 1, "").Labels[LabelClaimName]; l != "disk" {
+		t.Fatalf("a short name is not in its label: %q", l)
+	}
+}

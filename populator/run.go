@@ -94,8 +94,10 @@ func Run(ctx context.Context, cfg Config, rc *rest.Config, kubeconfig string) er
 		return cache.ResourceEventHandlerFuncs{AddFunc: fn, UpdateFunc: func(_, n any) { fn(n) }, DeleteFunc: fn}
 	}
 	podHandler := handlers(func(obj any) {
-		if p := objectOf(obj); p != nil && p.GetLabels()[LabelClaimName] != "" {
-			enqueue(p.GetLabels()[LabelClaimNamespace], p.GetLabels()[LabelClaimName])
+		if p := objectOf(obj); p != nil {
+			if ns, name := claimOf(p); name != "" {
+				enqueue(ns, name)
+			}
 		}
 	})
 	if _, err := pods.Informer().AddEventHandler(podHandler); err != nil {
@@ -110,8 +112,8 @@ func Run(ctx context.Context, cfg Config, rc *rest.Config, kubeconfig string) er
 		case p == nil:
 		case p.GetNamespace() == cfg.Namespace:
 			// A prime claim made by cluster.go carries its claim's name.
-			if l := p.GetLabels(); l[LabelClaimName] != "" {
-				ownQueue.Add("pvc/" + l[LabelClaimNamespace] + "/" + l[LabelClaimName])
+			if ns, name := claimOf(p); name != "" {
+				ownQueue.Add("pvc/" + ns + "/" + name)
 			}
 		default:
 			ownQueue.Add("pvc/" + p.GetNamespace() + "/" + p.GetName())

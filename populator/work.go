@@ -15,6 +15,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/validation"
 	"k8s.io/client-go/kubernetes"
 	corelisters "k8s.io/client-go/listers/core/v1"
 	"k8s.io/client-go/tools/record"
@@ -478,6 +479,7 @@ func (w *worker) writeSecret(ctx context.Context, pvc, prime *corev1.PersistentV
 		ObjectMeta: metav1.ObjectMeta{
 			Name: name, Namespace: w.cfg.Namespace,
 			Labels:          w.labels(pvc),
+			Annotations:     annotations(pvc),
 			OwnerReferences: []metav1.OwnerReference{ownerRef(prime)},
 		},
 		Data: data,
@@ -494,13 +496,39 @@ func (w *worker) writeSecret(ctx context.Context, pvc, prime *corev1.PersistentV
 }
 
 func (w *worker) labels(pvc *corev1.PersistentVolumeClaim) map[string]string {
-	return map[string]string{
+	l := map[string]string{
 		LabelClaimUID:               string(pvc.UID),
 		LabelClaimNamespace:         pvc.Namespace,
-		LabelClaimName:              pvc.Name,
 		LabelComponent:              componentPopulate,
 		"app.kubernetes.io/part-of": "vimg",
 	}
+	if len(validation.IsValidLabelValue(pvc.Name)) == 0 {
+		l[LabelClaimName] = pvc.Name
+	}
+	return l
+}
+
+// annotations name the claim that the populator's objects serve, with
+// extra annotations (key, value, ...) besides.
+func annotations(pvc *corev1.PersistentVolumeClaim, kv ...string) map[string]string {
+	a := map[string]string{AnnotationClaimName: pvc.Name}
+	for i := 0; i+1 < len(kv); i += 2 {
+		a[kv[i]] = kv[i+1]
+	}
+	return a
+}
+
+// claimOf is the namespace and name of the claim that one of the
+// populator's objects serves, or "" for another object.
+func claimOf(o metav1.Object) (namespace, name string) {
+	name = o.GetAnnotations()[AnnotationClaimName]
+	if name == "" {
+		name = o.GetLabels()[LabelClaimName]
+	}
+	if name == "" {
+		return "", ""
+	}
+	return o.GetLabels()[LabelClaimNamespace], name
 }
 
 // ownerRef makes the prime claim own the pod and Secret, so that they go

@@ -192,11 +192,14 @@ func TestPVCStorage_BadInputFailsClearlyAndLeavesNothing(t *testing.T) {
 func TestPVCStorage_ImageFeedsOtherClaims(t *testing.T) {
 	f := framework.New(t)
 	srv, raw := serveQcow2(t, 40<<20, 17, true)
-	f.Apply(pvcImage("golden", "local-immediate", httpSource(srv.url("disk.qcow2"))))
-	waitPhase(f, "vi", "golden", v1.ImagePhaseReady, 3*time.Minute)
+	// A name long enough that the image's claim's name (vi-<name>-<uid>)
+	// does not fit a label value.
+	golden := "golden-image-with-a-name-too-long-for-labels"
+	f.Apply(pvcImage(golden, "local-immediate", httpSource(srv.url("disk.qcow2"))))
+	waitPhase(f, "vi", golden, v1.ImagePhaseReady, 3*time.Minute)
 	for i, vk := range volumeKinds {
 		n := fmt.Sprintf("copy-%d", i)
-		f.Apply(imageClaim(n, vk.class, vk.mode, "VirtualImage", "golden", "64Mi") + "---\n" + shellPod(n, n, vk.mode, readerScript(vk.mode)))
+		f.Apply(imageClaim(n, vk.class, vk.mode, "VirtualImage", golden, "64Mi") + "---\n" + shellPod(n, n, vk.mode, readerScript(vk.mode)))
 	}
 	for i, vk := range volumeKinds {
 		t.Run(vk.class+"/"+vk.mode, func(t *testing.T) {
