@@ -92,6 +92,7 @@ func TestPVCStorage_ImagesLiveInTheirOwnClaimFilledStraightFromTheSource(t *test
 		{"http-iso", "local-immediate", "local-immediate", v1.ImageFormatISO, "iso", httpSource(srv.url(imgs["iso"].file))},
 		{"upload-vdi", "local-immediate", "local-immediate", v1.ImageFormatVDI, "vdi", "    type: Upload\n"},
 		{"copy", "local-wffc", "local-wffc", v1.ImageFormatRaw, "raw", "    type: ObjectRef\n    objectRef:\n      kind: VirtualImage\n      name: in-dvcr\n"},
+		{"copy-of-claim", "local-immediate", "local-immediate", v1.ImageFormatVMDK, "vmdk", "    type: ObjectRef\n    objectRef:\n      kind: VirtualImage\n      name: http-vmdk\n"},
 	}
 	for _, c := range cases {
 		f.Apply(pvcImage(c.name, c.class, c.source))

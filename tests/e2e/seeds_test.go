@@ -111,13 +111,33 @@ func TestSeeds_ExamplesWorkAsDocumented(t *testing.T) {
 			}
 		})
 	}
+	// Beyond the docs: every source of seed 001 (HTTPS, a registry, an
+	// upload) into an image stored in a claim of its own.
+	t.Run("seed-001-sources-into-claims", func(t *testing.T) {
+		for _, doc := range bySeed["001"] {
+			var vi v1.VirtualImage
+			if err := yaml.Unmarshal([]byte(doc), &vi); err != nil {
+				t.Fatal(err)
+			}
+			if vi.Spec.Storage != v1.StorageContainerRegistry || vi.Spec.DataSource.Type == v1.DataSourceTypeObjectRef {
+				continue
+			}
+			f := framework.New(t)
+			doc = strings.Replace(doc, "storage: ContainerRegistry", "storage: PersistentVolumeClaim", 1)
+			f.Apply(doc)
+			if err := yaml.Unmarshal([]byte(doc), &vi); err != nil {
+				t.Fatal(err)
+			}
+			checkSeed(f, &vi, qcow)
+		}
+	})
 }
 
 func checkSeed(f *framework.Framework, vi *v1.VirtualImage, disk string) {
 	t := f.T
 	ds := vi.Spec.DataSource
 	switch {
-	case vi.Spec.Storage == v1.StoragePersistentVolumeClaim:
+	case vi.Spec.Storage == v1.StoragePersistentVolumeClaim && ds.Type != v1.DataSourceTypeUpload:
 		// "Ready, 100%", in a claim of the class the example names or of
 		// the cluster's default.
 		st := waitPhase(f, "vi", vi.Name, v1.ImagePhaseReady, 5*time.Minute)
@@ -129,7 +149,7 @@ func checkSeed(f *framework.Framework, vi *v1.VirtualImage, disk string) {
 			st.Target.PersistentVolumeClaimName == "" || st.Target.RegistryURL != "" || st.StorageClassName != class {
 			t.Errorf("%s (storage PersistentVolumeClaim): status %+v", vi.Name, st)
 		}
-		t.Logf("%s (HTTP, storage PersistentVolumeClaim): Ready, %s, %s, claim %s of class %s", vi.Name, st.Format, st.Size.Unpacked, st.Target.PersistentVolumeClaimName, st.StorageClassName)
+		t.Logf("%s (%s, storage PersistentVolumeClaim): Ready, %s, %s, claim %s of class %s", vi.Name, ds.Type, st.Format, st.Size.Unpacked, st.Target.PersistentVolumeClaimName, st.StorageClassName)
 	case ds.Type == v1.DataSourceTypeHTTP || ds.Type == v1.DataSourceTypeContainerImage:
 		st := waitPhase(f, "vi", vi.Name, v1.ImagePhaseReady, 3*time.Minute)
 		if st.Format != v1.ImageFormatQCOW2 || st.Size.UnpackedBytes != "33554432" || st.CDROM || st.Progress != "100%" {
@@ -153,7 +173,10 @@ func checkSeed(f *framework.Framework, vi *v1.VirtualImage, disk string) {
 			t.Fatal(err)
 		}
 		st = waitPhase(f, "vi", vi.Name, v1.ImagePhaseReady, 3*time.Minute)
-		t.Logf("%s (Upload): WaitForUserUpload, then after curl -T: %s, %s, %s", vi.Name, st.Phase, st.Format, st.Size.Unpacked)
+		if st.Format != v1.ImageFormatQCOW2 || st.Size.UnpackedBytes != "33554432" {
+			t.Errorf("%s (Upload): format %s size %s", vi.Name, st.Format, st.Size.UnpackedBytes)
+		}
+		t.Logf("%s (Upload, storage %s): WaitForUserUpload, then after curl -T: %s, %s, %s %s", vi.Name, vi.Spec.Storage, st.Phase, st.Format, st.Size.Unpacked, st.Target.PersistentVolumeClaimName)
 	default:
 		t.Errorf("%s: no expectation for data source %s", vi.Name, ds.Type)
 	}

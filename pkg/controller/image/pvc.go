@@ -191,7 +191,7 @@ func defaultClass(classes []storagev1.StorageClass) *storagev1.StorageClass {
 // claimFromImage makes the claim of an image that copies another image:
 // the populator fills it from that image in DVCR.
 func (r *Reconciler) claimFromImage(ctx context.Context, o, st object, class *storagev1.StorageClass, from objectRef) (ctrl.Result, error) {
-	src, err := r.readySource(ctx, st, from)
+	src, err := r.readySource(ctx, st, from, true)
 	if src == nil || err != nil {
 		return ctrl.Result{}, err
 	}
@@ -406,7 +406,12 @@ func (r *Reconciler) followClaim(ctx context.Context, o, st object, claim *corev
 	}
 	st.setPhase(v1.ImagePhaseReady)
 	cs.Progress = "100%"
-	cs.Format, cs.CDROM = v1.ImageFormat(out.Format), out.CDROM
+	if cs.Format == "" {
+		// Set when the claim was made, from the probe or the copied
+		// image: the format the image came in, where the claim holds
+		// the raw disk.
+		cs.Format, cs.CDROM = v1.ImageFormat(out.Format), out.CDROM
+	}
 	capacity := claim.Status.Capacity[corev1.ResourceStorage]
 	cs.Size = v1.ImageSize{
 		Stored: iecSize(capacity.Value()), StoredBytes: fmt.Sprint(capacity.Value()),

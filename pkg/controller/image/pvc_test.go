@@ -269,3 +269,23 @@ func TestPVC_DeletingTheImageDeletesItsClaimAndSource(t *testing.T) {
 		t.Fatalf("source secrets left: %d (%v)", len(secrets.Items), err)
 	}
 }
+
+func TestPVC_AnImageInAClaimCopiesAnotherOnlyIntoAClaim(t *testing.T) {
+	src := pvcVI("src", ptr.To("fast"))
+	src.Status = v1.VirtualImageStatus{Phase: v1.ImagePhaseReady, ImageStatus: v1.ImageStatus{Format: "qcow2", Size: v1.ImageSize{UnpackedBytes: "10485760"}}}
+	ref := v1.VirtualImageDataSource{Type: v1.DataSourceTypeObjectRef, ObjectRef: &v1.VirtualImageObjectRef{Kind: v1.ObjectRefKindVirtualImage, Name: "src"}}
+	inClaim := pvcVI("in-claim", ptr.To("fast"))
+	inClaim.Spec.DataSource = ref
+	inDVCR := httpVI("in-dvcr")
+	inDVCR.Spec.DataSource = ref
+	e := newEnv(t, src, inClaim, inDVCR, storageClass("fast", false, storagev1.VolumeBindingImmediate))
+	e.reconcileVI("in-claim")
+	if c := e.claim(api.ImageClaimName("in-claim", "uid-in-claim")); c == nil {
+		t.Fatalf("no claim for a copy of an image stored in a claim; status %+v", e.getVI("in-claim").Status)
+	}
+	e.reconcileVI("in-dvcr")
+	st := e.getVI("in-dvcr").Status
+	if c := condition(st.ImageStatus, v1.ConditionDatasourceReady); st.Phase != v1.ImagePhasePending || c.Reason != reasonNotSupported {
+		t.Fatalf("a DVCR copy of an image in a claim: phase %s %+v", st.Phase, c)
+	}
+}

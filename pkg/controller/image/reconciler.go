@@ -389,7 +389,7 @@ func (r *Reconciler) reconcileObjectRef(ctx context.Context, o, st object, from 
 	if st.phase() == v1.ImagePhaseReady || st.phase() == v1.ImagePhaseImageLost {
 		return r.checkStored(ctx, o, st)
 	}
-	src, err := r.readySource(ctx, st, from)
+	src, err := r.readySource(ctx, st, from, false)
 	if src == nil || err != nil {
 		return ctrl.Result{}, err
 	}
@@ -403,9 +403,11 @@ func (r *Reconciler) reconcileObjectRef(ctx context.Context, o, st object, from 
 	return r.checkStored(ctx, o, st)
 }
 
-// readySource returns the Ready image stored in DVCR that from names, or
-// nil with st Pending and the reason in its conditions.
-func (r *Reconciler) readySource(ctx context.Context, st object, from objectRef) (object, error) {
+// readySource returns the Ready image that from names, or nil with st
+// Pending and the reason in its conditions. Only an image stored in a claim
+// (inClaim) can copy an image stored in a claim: the populator reads it
+// there; DVCR cannot.
+func (r *Reconciler) readySource(ctx context.Context, st object, from objectRef, inClaim bool) (object, error) {
 	var src object
 	switch from.Kind {
 	case v1.ObjectRefKindVirtualImage:
@@ -424,8 +426,8 @@ func (r *Reconciler) readySource(ctx context.Context, st object, from objectRef)
 	if err != nil {
 		return nil, err
 	}
-	if src.pvcStorage() {
-		r.setWaiting(st, reasonNotSupported, from.String()+" is stored on a PersistentVolumeClaim; copying from it is not supported yet")
+	if src.pvcStorage() && !inClaim {
+		r.setWaiting(st, reasonNotSupported, from.String()+" is stored on a PersistentVolumeClaim; only an image with storage PersistentVolumeClaim can copy it yet")
 		return nil, nil
 	}
 	if src.phase() != v1.ImagePhaseReady {
