@@ -54,17 +54,12 @@ func (c *claims) sync(ctx context.Context, ns, name string) error {
 	if ref == nil || ref.APIGroup == nil || *ref.APIGroup != v1.GroupName {
 		return nil
 	}
-	var u *unstructured.Unstructured
-	switch ref.Kind {
-	case VirtualImageGK.Kind:
-		u, err = c.vis.Namespace(pvc.Namespace).Get(ref.Name)
-		if err == nil {
-			return nil // the library's
-		}
-	case ClusterVirtualImageGK.Kind:
-		u, err = c.cvis.Get(ref.Name)
-	default:
+	if ref.Kind != VirtualImageGK.Kind && ref.Kind != ClusterVirtualImageGK.Kind {
 		return nil
+	}
+	u, err := c.image(ref.Kind, pvc.Namespace, ref.Name)
+	if err == nil && ref.Kind == VirtualImageGK.Kind {
+		return nil // the library's
 	}
 	if apierrors.IsNotFound(err) {
 		return c.orphan(ctx, pvc)

@@ -208,7 +208,13 @@ func (w *worker) populateFromClaim(ctx context.Context, pvc, prime *corev1.Persi
 		URL:     "http://" + net.JoinHostPort(serve.Status.PodIP, strconv.Itoa(api.ServePort)) + api.ServePath,
 		Headers: map[string]string{"Authorization": "Bearer " + envOf(serve, api.ServeTokenEnv)},
 	}}
-	if err := w.writeSecret(ctx, pvc, prime, copySecretName(pvc), map[string]any{api.RequestFile: src}); err != nil {
+	body, err := json.Marshal(src)
+	if err != nil {
+		return err
+	}
+	// A copy trusts nothing more than the system's roots: its key stays
+	// empty (the pod mounts it all the same).
+	if err := w.writeSecret(ctx, pvc, prime, copySecretName(pvc), map[string][]byte{api.RequestFile: body, api.SourceTrustedCAKey: nil}); err != nil {
 		return err
 	}
 	req := w.request(a)
@@ -457,24 +463,16 @@ func (w *worker) setAnnotation(ctx context.Context, pvc *corev1.PersistentVolume
 }
 
 func (w *worker) ensureSecret(ctx context.Context, pvc, prime *corev1.PersistentVolumeClaim, req api.PopulateRequest) error {
-	return w.writeSecret(ctx, pvc, prime, secretName(pvc), map[string]any{api.RequestFile: req})
+	body, err := json.Marshal(req)
+	if err != nil {
+		return err
+	}
+	return w.writeSecret(ctx, pvc, prime, secretName(pvc), map[string][]byte{api.RequestFile: body})
 }
 
-// writeSecret writes a Secret of the claim's, owned by its prime claim,
-// whose keys hold the values in JSON; an existing one is replaced.
-func (w *worker) writeSecret(ctx context.Context, pvc, prime *corev1.PersistentVolumeClaim, name string, values map[string]any) error {
-	data := map[string][]byte{}
-	for k, v := range values {
-		b, err := json.Marshal(v)
-		if err != nil {
-			return err
-		}
-		data[k] = b
-	}
-	if name == copySecretName(pvc) {
-		// A copy trusts nothing more than the system's roots.
-		data[api.SourceTrustedCAKey] = nil
-	}
+// writeSecret writes a Secret of the claim's, owned by its prime claim;
+// an existing one is replaced.
+func (w *worker) writeSecret(ctx context.Context, pvc, prime *corev1.PersistentVolumeClaim, name string, data map[string][]byte) error {
 	s := &corev1.Secret{
 		ObjectMeta: metav1.ObjectMeta{
 			Name: name, Namespace: w.cfg.Namespace,

@@ -431,15 +431,6 @@ func (r *Reconciler) followClaim(ctx context.Context, o, st object, claim *corev
 	return ctrl.Result{}, r.deleteUploadSecret(ctx, o)
 }
 
-// parsePercent reads "45.2%" as 0.452.
-func parsePercent(s string) (float64, bool) {
-	f, err := strconv.ParseFloat(strings.TrimSuffix(s, "%"), 64)
-	if err != nil || !strings.HasSuffix(s, "%") {
-		return 0, false
-	}
-	return min(max(f/100, 0), 1), true
-}
-
 // deletePVCWork removes what an unfinished image made: probe pods, the
 // source Secret and the claim.
 func (r *Reconciler) deletePVCWork(ctx context.Context, o object, claim *corev1.PersistentVolumeClaim) error {

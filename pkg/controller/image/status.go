@@ -76,10 +76,20 @@ func finishedAt(p *corev1.Pod) time.Time {
 func monotonicPercent(cur string, fraction float64) string {
 	const ceiling = 0.999
 	f := min(max(fraction, 0), ceiling)
-	if prev, err := strconv.ParseFloat(strings.TrimSuffix(cur, "%"), 64); err == nil && prev/100 > f {
+	if prev, ok := parsePercent(cur); ok && prev > f {
 		return cur
 	}
 	return api.Percent(f)
+}
+
+// parsePercent reads "45.2%" (status.progress, the populator's progress
+// annotation) as 0.452.
+func parsePercent(s string) (float64, bool) {
+	f, err := strconv.ParseFloat(strings.TrimSuffix(s, "%"), 64)
+	if err != nil || !strings.HasSuffix(s, "%") {
+		return 0, false
+	}
+	return min(max(f/100, 0), 1), true
 }
 
 // iecSize renders bytes the way kubectl shows quantities, with one
