@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -275,7 +276,7 @@ func (v *volume) usable() (int64, error) {
 	free := int64(st.Bavail) * int64(st.Bsize)
 	if fi, err := os.Stat(v.path); err == nil && fi.Mode().IsRegular() {
 		// A disk.img left by an earlier attempt is replaced.
-		if s, ok := fi.Sys().(*unix.Stat_t); ok {
+		if s, ok := fi.Sys().(*syscall.Stat_t); ok {
 			free += s.Blocks * 512
 		}
 	}
@@ -295,7 +296,7 @@ func (v *volume) finish() error {
 	if err != nil {
 		return fmt.Errorf("checking %s: %w", api.DiskFile, err)
 	}
-	if s, ok := fi.Sys().(*unix.Stat_t); ok && (int(s.Uid) != v.req.UID || int(s.Gid) != v.req.GID) {
+	if s, ok := fi.Sys().(*syscall.Stat_t); ok && (int(s.Uid) != v.req.UID || int(s.Gid) != v.req.GID) {
 		if err := os.Chown(v.path, v.req.UID, v.req.GID); err != nil {
 			return fmt.Errorf("giving %s to %d:%d: %w", api.DiskFile, v.req.UID, v.req.GID, err)
 		}
