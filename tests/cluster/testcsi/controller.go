@@ -11,14 +11,25 @@ import (
 	"k8s.io/klog/v2"
 )
 
-const defaultCapacity = 1 << 30
+const (
+	defaultCapacity = 1 << 30
+
+	// cloningParameter set to cloningUnsupported in a StorageClass makes
+	// the driver refuse clones of that class, so e2e tests can model a
+	// class whose driver cannot clone.
+	cloningParameter   = "cloning"
+	cloningUnsupported = "unsupported"
+)
 
 func (d *Driver) ControllerGetCapabilities(context.Context, *csi.ControllerGetCapabilitiesRequest) (*csi.ControllerGetCapabilitiesResponse, error) {
-	return &csi.ControllerGetCapabilitiesResponse{Capabilities: []*csi.ControllerServiceCapability{{
-		Type: &csi.ControllerServiceCapability_Rpc{Rpc: &csi.ControllerServiceCapability_RPC{
-			Type: csi.ControllerServiceCapability_RPC_CREATE_DELETE_VOLUME,
-		}},
-	}}}, nil
+	rpc := func(t csi.ControllerServiceCapability_RPC_Type) *csi.ControllerServiceCapability {
+		return &csi.ControllerServiceCapability{Type: &csi.ControllerServiceCapability_Rpc{
+			Rpc: &csi.ControllerServiceCapability_RPC{Type: t}}}
+	}
+	return &csi.ControllerGetCapabilitiesResponse{Capabilities: []*csi.ControllerServiceCapability{
+		rpc(csi.ControllerServiceCapability_RPC_CREATE_DELETE_VOLUME),
+		rpc(csi.ControllerServiceCapability_RPC_CLONE_VOLUME),
+	}}, nil
 }
 
 func (d *Driver) CreateVolume(_ context.Context, req *csi.CreateVolumeRequest) (*csi.CreateVolumeResponse, error) {
@@ -29,8 +40,9 @@ func (d *Driver) CreateVolume(_ context.Context, req *csi.CreateVolumeRequest) (
 	if err != nil {
 		return nil, err
 	}
-	if req.GetVolumeContentSource() != nil {
-		return nil, status.Error(codes.InvalidArgument, "volume content source is not supported")
+	source, err := sourceOf(req.GetVolumeContentSource(), req.GetParameters())
+	if err != nil {
+		return nil, err
 	}
 	capacity, err := capacityOf(req.GetCapacityRange(), kind)
 	if err != nil {
@@ -40,21 +52,69 @@ func (d *Driver) CreateVolume(_ context.Context, req *csi.CreateVolumeRequest) (
 		return nil, status.Errorf(codes.ResourceExhausted, "volumes can only be created on node %s", d.cfg.NodeID)
 	}
 
+	// The lock stays held through a clone's copy: releasing it would need
+	// in-flight tracking so that neither a retry nor a DeleteVolume of the
+	// source could race the copy, and sparse copies of test volumes are quick.
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	id := volumeID(req.GetName())
+	// Existing volumes come first: a retry must succeed even if the source
+	// has been deleted since.
 	if v := d.store.vols[id]; v != nil {
 		if v.Name != req.GetName() || v.Kind != kind || v.Capacity != capacity {
 			return nil, status.Errorf(codes.AlreadyExists, "volume %q exists as a %s volume of %d bytes", v.Name, v.Kind, v.Capacity)
 		}
+		if v.Source != source {
+			return nil, status.Errorf(codes.AlreadyExists, "volume %q exists with content source %q", v.Name, v.Source)
+		}
 		return &csi.CreateVolumeResponse{Volume: d.csiVolume(v)}, nil
 	}
-	v := &volume{Name: req.GetName(), ID: id, Kind: kind, Capacity: capacity}
-	if err := d.store.create(v); err != nil {
+	var src *volume
+	if source != "" {
+		if src = d.store.vols[source]; src == nil {
+			return nil, status.Errorf(codes.NotFound, "source volume %s does not exist", source)
+		}
+		if src.Kind != kind {
+			return nil, status.Errorf(codes.InvalidArgument, "cannot clone %s volume %s into a %s volume", src.Kind, source, kind)
+		}
+		if capacity < src.Capacity {
+			return nil, status.Errorf(codes.OutOfRange, "capacity of %d bytes is less than the %d bytes of source volume %s", capacity, src.Capacity, source)
+		}
+	}
+	v := &volume{Name: req.GetName(), ID: id, Kind: kind, Capacity: capacity, Source: source}
+	if err := d.store.create(v, src); err != nil {
 		return nil, status.Errorf(codes.Internal, "create volume %q: %v", v.Name, err)
 	}
-	klog.InfoS("Created volume", "name", v.Name, "volumeID", id, "kind", kind, "capacity", capacity)
+	klog.InfoS("Created volume", "name", v.Name, "volumeID", id, "kind", kind, "capacity", capacity, "source", source)
 	return &csi.CreateVolumeResponse{Volume: d.csiVolume(v)}, nil
+}
+
+// sourceOf returns the ID of the volume to clone, or "" for an empty volume.
+func sourceOf(cs *csi.VolumeContentSource, params map[string]string) (string, error) {
+	refuse := false
+	if p, ok := params[cloningParameter]; ok {
+		if p != cloningUnsupported {
+			return "", status.Errorf(codes.InvalidArgument, "parameter %s=%q: the only value is %q", cloningParameter, p, cloningUnsupported)
+		}
+		refuse = true
+	}
+	if cs == nil {
+		return "", nil
+	}
+	if cs.GetSnapshot() != nil {
+		return "", status.Error(codes.InvalidArgument, "snapshots are not supported")
+	}
+	if cs.GetVolume() == nil {
+		return "", status.Error(codes.InvalidArgument, "volume content source has no type")
+	}
+	if refuse {
+		return "", status.Errorf(codes.Unimplemented, "clones are refused by this class's parameters (%s: %s)", cloningParameter, cloningUnsupported)
+	}
+	id := cs.GetVolume().GetVolumeId()
+	if id == "" {
+		return "", status.Error(codes.InvalidArgument, "source volume ID is required")
+	}
+	return id, nil
 }
 
 func (d *Driver) DeleteVolume(_ context.Context, req *csi.DeleteVolumeRequest) (*csi.DeleteVolumeResponse, error) {
@@ -79,7 +139,12 @@ func (d *Driver) DeleteVolume(_ context.Context, req *csi.DeleteVolumeRequest) (
 }
 
 func (d *Driver) csiVolume(v *volume) *csi.Volume {
-	return &csi.Volume{VolumeId: v.ID, CapacityBytes: v.Capacity, AccessibleTopology: []*csi.Topology{d.topology()}}
+	cv := &csi.Volume{VolumeId: v.ID, CapacityBytes: v.Capacity, AccessibleTopology: []*csi.Topology{d.topology()}}
+	if v.Source != "" {
+		cv.ContentSource = &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{
+			Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: v.Source}}}
+	}
+	return cv
 }
 
 // accessible reports whether the requisite topology, if any, includes this

@@ -11,6 +11,8 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+
+	"golang.org/x/sys/unix"
 )
 
 type volumeKind string
@@ -28,6 +30,9 @@ type volume struct {
 	ID       string     `json:"id"`
 	Kind     volumeKind `json:"kind"`
 	Capacity int64      `json:"capacity"`
+	// Source is the ID of the volume this one was cloned from; it tells a
+	// retried CreateVolume from one that asks for other content.
+	Source string `json:"source,omitempty"`
 	// Publishes maps each target path the volume is published on to
 	// whether that publish is read-only.
 	Publishes map[string]bool `json:"publishes,omitempty"`
@@ -103,10 +108,15 @@ func (s *store) dataPath(v *volume) string {
 	return s.path(v.ID, "data")
 }
 
-// create allocates the volume's storage before its metadata, so metadata on
-// disk always means usable storage.
-func (s *store) create(v *volume) error {
-	err := s.allocate(v)
+// create allocates the volume's storage, a copy of src's if src is not nil,
+// before its metadata, so metadata on disk always means usable storage.
+func (s *store) create(v, src *volume) error {
+	var err error
+	if src != nil {
+		err = s.allocateClone(v, src)
+	} else {
+		err = s.allocate(v)
+	}
 	if err == nil {
 		err = s.put(v)
 	}
@@ -133,6 +143,34 @@ func (s *store) allocate(v *volume) error {
 	}
 	// The umask strips the write bits non-root pods need.
 	return os.Chmod(s.dataPath(v), 0o777)
+}
+
+// allocateClone copies src's data into v, which has src's kind and at least
+// its capacity.
+func (s *store) allocateClone(v, src *volume) error {
+	if err := os.MkdirAll(s.path(v.ID), 0o755); err != nil {
+		return err
+	}
+	// A clone that died half-way leaves part of a copy: start over.
+	if err := os.RemoveAll(s.dataPath(v)); err != nil {
+		return err
+	}
+	if err := copyTree(s.dataPath(v), s.dataPath(src)); err != nil {
+		return err
+	}
+	if v.Kind == blockVolume {
+		// Growing by truncation keeps the new space sparse, as in allocate.
+		if err := os.Truncate(s.dataPath(v), v.Capacity); err != nil {
+			return err
+		}
+	}
+	// The metadata written next must not survive a crash that loses the
+	// copy; one syncfs flushes every file and directory of it.
+	d, err := os.Open(s.path(v.ID))
+	if err != nil {
+		return err
+	}
+	return errors.Join(unix.Syncfs(int(d.Fd())), d.Close())
 }
 
 // put persists v before making it visible, so memory never holds state that
