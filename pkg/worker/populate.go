@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -64,6 +65,9 @@ func populate(ctx context.Context, cfg PopulateConfig) api.Outcome {
 	req, err := readPopulateRequest(cfg.RequestPath)
 	if err != nil {
 		return api.Outcome{Reason: importer.ReasonInternal, Message: err.Error(), Permanent: true}
+	}
+	if req.Cloned {
+		return adoptClone(ctx, cfg, req)
 	}
 	if req.FromSource {
 		return populateFromSource(ctx, cfg, req)
@@ -128,6 +132,74 @@ func populateFromSource(ctx context.Context, cfg PopulateConfig, req api.Populat
 	return api.Outcome{Populated: res}
 }
 
+// adoptClone takes over the disk.img a CSI clone left on the volume. The
+// image is already there, so nothing is read or written: disk.img only
+// grows (sparsely) to this volume's usable size, never shrinks, and goes
+// to the guest's user.
+func adoptClone(ctx context.Context, cfg PopulateConfig, req api.PopulateRequest) api.Outcome {
+	v := &volume{cfg: cfg, req: req, path: filepath.Join(cfg.MountPath, api.DiskFile)}
+	// Lstat: a symlink must not make us grow or chown a file elsewhere.
+	fi, err := os.Lstat(v.path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return api.Outcome{Reason: importer.ReasonInternal, Permanent: true, Message: "the cloned volume holds no " + api.DiskFile}
+	case err != nil:
+		return api.Outcome{Reason: importer.ReasonTransient, Message: fmt.Sprintf("checking %s: %v", api.DiskFile, err)}
+	case !fi.Mode().IsRegular():
+		return api.Outcome{Reason: importer.ReasonInternal, Permanent: true, Message: fmt.Sprintf(
+			"the cloned volume's %s is %s, not a regular file", api.DiskFile, fileKind(fi.Mode()))}
+	}
+	size := fi.Size()
+	if size < req.VirtualSize {
+		// The source's disk.img always holds the whole image: this clone
+		// is of something else.
+		return api.Outcome{Reason: importer.ReasonInternal, Permanent: true, Message: fmt.Sprintf(
+			"the cloned volume's %s holds %s (%d bytes), less than the image's virtual size %s (%d bytes): the clone is not the image",
+			api.DiskFile, api.BytesIEC(size), size, api.BytesIEC(req.VirtualSize), req.VirtualSize)}
+	}
+	usable, err := v.usable()
+	if err != nil {
+		return api.Outcome{Reason: importer.ReasonTransient, Message: err.Error()}
+	}
+	if usable < size {
+		// Shrinking would cut off the end of the disk: keep it whole.
+		klog.FromContext(ctx).Info("Keeping the cloned disk.img larger than the volume's usable size",
+			"size", size, "usable", usable)
+	} else if usable > size {
+		if err := os.Truncate(v.path, usable); err != nil {
+			return api.Outcome{Reason: importer.ReasonTransient, Message: fmt.Sprintf("growing %s: %v", api.DiskFile, err)}
+		}
+		size = usable
+	}
+	if err := v.finish(); err != nil {
+		return api.Outcome{Reason: importer.ReasonTransient, Message: err.Error()}
+	}
+	// Nothing ticks for an adoption this quick: write 100% at once, so the
+	// pod's progress ends there as after a fill.
+	rep := newReporter(cfg.Config)
+	rep.report(api.Progress{Fraction: 1})
+	if cfg.PodName != "" && cfg.Kube != nil {
+		rep.flush(ctx)
+	}
+	return api.Outcome{Populated: &api.PopulateResult{
+		VirtualSize: req.VirtualSize,
+		DiskSize:    size,
+		Format:      "raw",
+	}}
+}
+
+// fileKind names what a file of mode m is, for messages.
+func fileKind(m fs.FileMode) string {
+	switch {
+	case m&fs.ModeSymlink != 0:
+		return "a symbolic link"
+	case m.IsDir():
+		return "a directory"
+	default:
+		return "a special file (" + m.Type().String() + ")"
+	}
+}
+
 func readPopulateRequest(path string) (api.PopulateRequest, error) {
 	b, err := os.ReadFile(filepath.Clean(path))
 	if err != nil {
@@ -137,7 +209,14 @@ func readPopulateRequest(path string) (api.PopulateRequest, error) {
 	if err := json.Unmarshal(b, &r); err != nil {
 		return api.PopulateRequest{}, fmt.Errorf("parsing the populate request: %w", err)
 	}
-	if !r.FromSource && (r.DVCR.Address == "" || r.DVCR.Ref == "") {
+	switch {
+	case r.Cloned && r.FromSource:
+		return api.PopulateRequest{}, errors.New("the populate request is both cloned and from a source")
+	case r.Cloned && r.Block:
+		return api.PopulateRequest{}, errors.New("a cloned volume is a Filesystem volume")
+	case r.Cloned && r.VirtualSize <= 0:
+		return api.PopulateRequest{}, errors.New("the cloned populate request names no virtual size")
+	case !r.Cloned && !r.FromSource && (r.DVCR.Address == "" || r.DVCR.Ref == ""):
 		return api.PopulateRequest{}, errors.New("the populate request names no DVCR address or reference")
 	}
 	if r.FilesystemOverhead < 0 || r.FilesystemOverhead > 0.5 {
@@ -267,7 +346,8 @@ func (g growing) WriteAt(p []byte, off int64) (int, error) {
 
 // usable is the size disk.img gets: the volume's capacity less the file
 // system's overhead, no more than the file system has free (some
-// provisioners hand out more capacity than they back), in whole MiB.
+// provisioners hand out more capacity than they back), in whole MiB. Both
+// a fill and a cloned volume use it.
 func (v *volume) usable() (int64, error) {
 	var st unix.Statfs_t
 	if err := unix.Statfs(v.cfg.MountPath, &st); err != nil {
@@ -275,7 +355,10 @@ func (v *volume) usable() (int64, error) {
 	}
 	free := int64(st.Bavail) * int64(st.Bsize)
 	if fi, err := os.Stat(v.path); err == nil && fi.Mode().IsRegular() {
-		// A disk.img left by an earlier attempt is replaced.
+		// A disk.img already there keeps its space for the new one: a
+		// fill replaces one left by an earlier attempt; a clone's is
+		// grown. Its allocated blocks, not its size, are counted, so a
+		// sparse clone is not taken for space the file system has not.
 		if s, ok := fi.Sys().(*syscall.Stat_t); ok {
 			free += s.Blocks * 512
 		}

@@ -114,14 +114,25 @@ func RawOf(t testing.TB, src string) string {
 // SHA256File returns the hex sha256 of a file.
 func SHA256File(t testing.TB, path string) string {
 	t.Helper()
+	return SHA256Prefix(t, path, -1)
+}
+
+// SHA256Prefix returns the hex sha256 of the first n bytes of a file (all
+// of it for n < 0).
+func SHA256Prefix(t testing.TB, path string, n int64) string {
+	t.Helper()
 	f, err := os.Open(path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer f.Close()
 	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		t.Fatal(err)
+	var r io.Reader = f
+	if n >= 0 {
+		r = io.LimitReader(f, n)
+	}
+	if m, err := io.Copy(h, r); err != nil || (n >= 0 && m != n) {
+		t.Fatalf("reading %s: %d bytes, %v", path, m, err)
 	}
 	return hex.EncodeToString(h.Sum(nil))
 }

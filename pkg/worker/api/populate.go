@@ -54,6 +54,12 @@ type PopulateRequest struct {
 	// upload: the upload is a blob of the image's repository, which that
 	// Request names.
 	FromSource bool `json:"fromSource,omitempty"`
+	// Cloned marks a Filesystem volume filled by a CSI clone of the claim of
+	// an image stored in a PersistentVolumeClaim: disk.img is already there,
+	// as large as on that claim. The pod only grows it to this volume's
+	// usable size and gives it to UID:GID. VirtualSize is the image's virtual size.
+	Cloned      bool  `json:"cloned,omitempty"`
+	VirtualSize int64 `json:"virtualSize,omitempty"`
 }
 
 // PopulateResult describes a filled volume.
