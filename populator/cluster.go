@@ -36,6 +36,8 @@ type claims struct {
 	scs  storagelisters.StorageClassLister
 	vis  dynamiclister.Lister
 	cvis dynamiclister.Lister
+	// byUID finds claims by UID in the informer's cache.
+	byUID func(uid string) ([]*corev1.PersistentVolumeClaim, error)
 }
 
 // sync handles the claim ns/name.
@@ -59,7 +61,12 @@ func (c *claims) sync(ctx context.Context, ns, name string) error {
 	}
 	u, err := c.image(ref.Kind, pvc.Namespace, ref.Name)
 	if err == nil && ref.Kind == VirtualImageGK.Kind {
-		return nil // the library's
+		// The library's, but for the clone its prime claim may wait for.
+		prime, err := c.prime(pvc)
+		if err != nil || prime == nil || prime.Annotations[AnnotationCloneSource] == "" {
+			return err
+		}
+		return c.clone(ctx, pvc, prime)
 	}
 	if apierrors.IsNotFound(err) {
 		return c.orphan(ctx, pvc)
@@ -100,6 +107,9 @@ func (c *claims) orphan(ctx context.Context, pvc *corev1.PersistentVolumeClaim) 
 	// The pod and its Secret belong to the prime claim: with neither the
 	// prime claim nor the pod in sight, the garbage collector has them,
 	// and a claim that only waits costs no API calls.
+	if err := c.removeClone(ctx, pvc); err != nil {
+		return err
+	}
 	_, podErr := c.w.pods.Pods(c.w.cfg.Namespace).Get(podName(pvc))
 	if (pvc.Spec.VolumeName == "" || pvc.DeletionTimestamp != nil) && (prime != nil || podErr == nil) {
 		if err := c.w.removePod(ctx, pvc); err != nil {

@@ -18,6 +18,7 @@ import (
 	"k8s.io/client-go/kubernetes/fake"
 	corelisters "k8s.io/client-go/listers/core/v1"
 	storagelisters "k8s.io/client-go/listers/storage/v1"
+	k8stesting "k8s.io/client-go/testing"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/record"
 	"k8s.io/utils/ptr"
@@ -34,13 +35,21 @@ type fixture struct {
 	c     *claims
 	idx   map[string]cache.Indexer
 	cvis  []*unstructured.Unstructured
+	vis   []*unstructured.Unstructured
 	event *record.FakeRecorder
 }
 
 func newFixture(t *testing.T, objs ...runtime.Object) *fixture {
 	kube := fake.NewSimpleClientset(objs...)
+	// The API server stamps what it creates; clone.go times clones by it.
+	kube.PrependReactor("create", "*", func(a k8stesting.Action) (bool, runtime.Object, error) {
+		if o, ok := a.(k8stesting.CreateAction).GetObject().(metav1.Object); ok && o.GetCreationTimestamp().Time.IsZero() {
+			o.SetCreationTimestamp(metav1.Now())
+		}
+		return false, nil, nil
+	})
 	ev := record.NewFakeRecorder(100)
-	w := &worker{cfg: Config{Namespace: "vimg-populate", DVCRAddress: "dvcr:443"}, kube: kube, recorder: ev, said: map[types.UID]string{}}
+	w := &worker{cfg: Config{Namespace: "vimg-populate", DVCRAddress: "dvcr:443", CloneTimeout: time.Minute}, kube: kube, recorder: ev, said: map[types.UID]string{}}
 	f := &fixture{t: t, kube: kube, event: ev, idx: map[string]cache.Indexer{}}
 	f.c = &claims{w: w}
 	return f
@@ -49,7 +58,7 @@ func newFixture(t *testing.T, objs ...runtime.Object) *fixture {
 // refresh reloads the listers from the fake API server.
 func (f *fixture) refresh() {
 	ctx := context.Background()
-	pvcIdx := cache.NewIndexer(cache.MetaNamespaceKeyFunc, cache.Indexers{cache.NamespaceIndex: cache.MetaNamespaceIndexFunc})
+	pvcIdx := cache.NewIndexer(cache.MetaNamespaceKeyFunc, cache.Indexers{cache.NamespaceIndex: cache.MetaNamespaceIndexFunc, byUID: uidIndex})
 	pvcs, _ := f.kube.CoreV1().PersistentVolumeClaims("").List(ctx, metav1.ListOptions{})
 	for i := range pvcs.Items {
 		pvcIdx.Add(&pvcs.Items[i])
@@ -73,7 +82,13 @@ func (f *fixture) refresh() {
 	f.c.w.servePods = f.c.w.pods // the fake holds every pod
 	f.c.scs = storagelisters.NewStorageClassLister(scIdx)
 	f.c.cvis = dynamiclister.New(cviIdx, ClusterVirtualImageGVR)
-	f.c.vis = dynamiclister.New(cache.NewIndexer(cache.MetaNamespaceKeyFunc, cache.Indexers{cache.NamespaceIndex: cache.MetaNamespaceIndexFunc}), VirtualImageGVR)
+	viIdx := cache.NewIndexer(cache.MetaNamespaceKeyFunc, cache.Indexers{cache.NamespaceIndex: cache.MetaNamespaceIndexFunc})
+	for _, u := range f.vis {
+		viIdx.Add(u)
+	}
+	f.c.vis = dynamiclister.New(viIdx, VirtualImageGVR)
+	f.c.w.lookup = f.c.image
+	f.c.byUID = claimsByUID(pvcIdx)
 }
 
 func (f *fixture) sync(name string) error {

@@ -58,6 +58,23 @@ const (
 
 	// primePrefix is the library's name of prime claims: prime-<uid>.
 	primePrefix = "prime-"
+
+	// AnnotationCSIClone set to "true" on a StorageClass says its CSI
+	// driver clones volumes: copies of an image stored in a claim of that
+	// class are then clones of that claim (clone.go).
+	AnnotationCSIClone = "vimg.dev/csi-clone"
+	// AnnotationCloneSource on a prime claim and on its clone claim names
+	// the claim cloned.
+	AnnotationCloneSource = "vimg.dev/clone-source"
+	// LabelCloneOf is the key of a clone's prime claim's selector, which
+	// no volume matches.
+	LabelCloneOf = "vimg.dev/clone-of"
+	// AnnotationCloneFailed on a user's claim says why its clone was given
+	// up for a streamed copy.
+	AnnotationCloneFailed = "vimg.dev/clone-failed"
+	// AnnotationClonedFrom is set on a cloned PersistentVolume:
+	// "<namespace>/<claim>".
+	AnnotationClonedFrom = "vimg.dev/cloned-from"
 )
 
 // Event reasons on user claims.
@@ -71,6 +88,7 @@ const (
 	ReasonPopulated              = "Populated"
 	ReasonRetrying               = "PopulateRetrying"
 	ReasonFailed                 = "PopulateFailed"
+	ReasonCloneFailed            = "CloneFailed"
 )
 
 // Config is what the populator is given.
@@ -100,6 +118,9 @@ type Config struct {
 	// MaxRetryDelay caps the backoff of claims waiting for something
 	// (lib-volume-populator's default queue backs off to 1000 s).
 	MaxRetryDelay time.Duration
+	// CloneTimeout is how long a clone claim may stay unbound before the
+	// copy is streamed instead.
+	CloneTimeout time.Duration
 }
 
 // Registry is what the populator needs of DVCR.
@@ -131,5 +152,8 @@ func (c *Config) setDefaults() {
 	}
 	if c.MaxRetryDelay <= 0 {
 		c.MaxRetryDelay = 30 * time.Second
+	}
+	if c.CloneTimeout <= 0 {
+		c.CloneTimeout = 3 * time.Minute
 	}
 }

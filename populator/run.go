@@ -62,13 +62,14 @@ func Run(ctx context.Context, cfg Config, rc *rest.Config, kubeconfig string) er
 	scs := factory.Storage().V1().StorageClasses()
 	vis := dynFactory.ForResource(VirtualImageGVR)
 	cvis := dynFactory.ForResource(ClusterVirtualImageGVR)
-	if err := pvcs.Informer().AddIndexers(cache.Indexers{byImage: claimImageIndex}); err != nil {
+	if err := pvcs.Informer().AddIndexers(cache.Indexers{byImage: claimImageIndex, byUID: uidIndex}); err != nil {
 		return err
 	}
 
 	w := &worker{cfg: cfg, kube: kube, pods: pods.Lister(), servePods: servePods.Lister(), recorder: recorder, said: map[types.UID]string{}}
 	c := &claims{w: w, pvcs: pvcs.Lister(), scs: scs.Lister(),
 		vis: dynamiclister.New(vis.Informer().GetIndexer(), VirtualImageGVR), cvis: dynamiclister.New(cvis.Informer().GetIndexer(), ClusterVirtualImageGVR)}
+	c.byUID = claimsByUID(pvcs.Informer().GetIndexer())
 	w.lookup = c.image
 	parked := func(key string) bool {
 		ns, name, ok := claimKey(key)
@@ -117,6 +118,10 @@ func Run(ctx context.Context, cfg Config, rc *rest.Config, kubeconfig string) er
 			}
 		default:
 			ownQueue.Add("pvc/" + p.GetNamespace() + "/" + p.GetName())
+			// A clone claim moves its user's claim on.
+			if ns, name := claimOf(p); name != "" && p.GetLabels()[LabelComponent] == componentClone {
+				ownQueue.Add("pvc/" + ns + "/" + name)
+			}
 		}
 	})); err != nil {
 		return err
@@ -166,7 +171,15 @@ func Run(ctx context.Context, cfg Config, rc *rest.Config, kubeconfig string) er
 				return w.complete(ctx, p.Pvc, p.PvcPrime)
 			},
 			PopulateCleanupFn: func(ctx context.Context, p populatormachinery.PopulatorParams) error {
+				if err := c.removeClone(ctx, p.Pvc); err != nil {
+					return err
+				}
 				return w.cleanup(ctx, p.Pvc)
+			},
+		},
+		MutatorConfig: &populatormachinery.MutatorConfig{
+			PvcPrimeMutator: func(p populatormachinery.PvcPrimeMutatorParams) (*corev1.PersistentVolumeClaim, error) {
+				return c.mutatePrime(p.PvcPrime), nil
 			},
 		},
 		Workqueue: libQueue,
@@ -208,7 +221,31 @@ func processNext(ctx context.Context, q workqueue.TypedRateLimitingInterface[any
 	return true
 }
 
-const byImage = "vimg.dev/image"
+const (
+	byImage = "vimg.dev/image"
+	byUID   = "vimg.dev/uid"
+)
+
+// claimsByUID finds claims by UID in an indexer with the byUID index.
+func claimsByUID(idx cache.Indexer) func(uid string) ([]*corev1.PersistentVolumeClaim, error) {
+	return func(uid string) ([]*corev1.PersistentVolumeClaim, error) {
+		objs, err := idx.ByIndex(byUID, uid)
+		out := make([]*corev1.PersistentVolumeClaim, 0, len(objs))
+		for _, o := range objs {
+			if p, ok := o.(*corev1.PersistentVolumeClaim); ok {
+				out = append(out, p)
+			}
+		}
+		return out, err
+	}
+}
+
+func uidIndex(obj any) ([]string, error) {
+	if o := objectOf(obj); o != nil {
+		return []string{string(o.GetUID())}, nil
+	}
+	return nil, nil
+}
 
 // claimImageIndex indexes claims by the image their dataSourceRef names:
 // "VirtualImage/<ns>/<name>" or "ClusterVirtualImage//<name>".

@@ -85,10 +85,37 @@ func (w *worker) populate(ctx context.Context, pvc, prime *corev1.PersistentVolu
 		return err
 	}
 	im := imageOf(u)
+	if src := prime.Annotations[AnnotationCloneSource]; src != "" {
+		return w.adoptClone(ctx, pvc, prime, u, src)
+	}
 	if im.ownsClaim(pvc, u) {
 		return w.populateImageClaim(ctx, pvc, prime, im)
 	}
 	return w.populateFrom(ctx, pvc, prime, im)
+}
+
+// adoptClone starts the pod that makes a cloned volume the claim's own
+// (clone.go): the clone holds the disk.img of claim src, which the pod
+// grows to this volume and gives to qemu.
+func (w *worker) adoptClone(ctx context.Context, pvc, prime *corev1.PersistentVolumeClaim, u *unstructured.Unstructured, src string) error {
+	im := imageOf(u)
+	if im.ownsClaim(pvc, u) && im.refKind != "" {
+		// The claim of an image that copies another: the size is the
+		// copied image's.
+		copied, err := w.lookup(im.refKind, im.refNamespace, im.refName)
+		if err != nil {
+			return fmt.Errorf("reading %s %s, which %s copies: %w", im.refKind, im.refName, im, err)
+		}
+		im = imageOf(copied)
+	}
+	a, ok, err := w.startable(ctx, pvc, prime)
+	if !ok || err != nil {
+		return err
+	}
+	req := w.request(a)
+	req.Cloned, req.VirtualSize = true, im.virtualSize
+	return w.startPod(ctx, pvc, prime, a, req, "", fmt.Sprintf("Adopting the clone of claim %s (%s, %s virtual) on the Filesystem volume",
+		src, im, api.BytesIEC(im.virtualSize)))
 }
 
 // populateFrom fills the claim from a Ready image: from its copy in DVCR,
@@ -167,12 +194,8 @@ func (w *worker) populateImageClaim(ctx context.Context, pvc, prime *corev1.Pers
 	}
 	// The image controller sized the claim from the source: the pod
 	// checks it against what it reads.
-	a := admission{block: isBlock(pvc), capacity: claimCapacity(prime)}
-	var due bool
-	if a.attempts, due = w.due(prime); !due {
-		return nil
-	}
-	if exists, err := w.podExists(ctx, pvc); exists || err != nil {
+	a, ok, err := w.startable(ctx, pvc, prime)
+	if !ok || err != nil {
 		return err
 	}
 	req := w.request(a)
@@ -240,6 +263,18 @@ func (w *worker) admit(ctx context.Context, pvc, prime *corev1.PersistentVolumeC
 	var due bool
 	a.attempts, due = w.due(prime)
 	return a, due, nil
+}
+
+// startable is the admission of a claim whose pod checks the size itself;
+// ok when another attempt is due and no pod runs.
+func (w *worker) startable(ctx context.Context, pvc, prime *corev1.PersistentVolumeClaim) (admission, bool, error) {
+	a := admission{block: isBlock(pvc), capacity: claimCapacity(prime)}
+	var due bool
+	if a.attempts, due = w.due(prime); !due {
+		return a, false, nil
+	}
+	exists, err := w.podExists(ctx, pvc)
+	return a, !exists && err == nil, err
 }
 
 func isBlock(pvc *corev1.PersistentVolumeClaim) bool {

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
@@ -53,6 +54,7 @@ func run() error {
 	fs.StringVar(&memoryLimit, "worker-memory-limit", "512Mi", "memory limit of a populate pod (the reader caches a few 8 MiB windows)")
 	fs.Float64Var(&cfg.FilesystemOverhead, "filesystem-overhead", api.DefaultFilesystemOverhead, "fraction of a Filesystem volume left to the file system; disk.img gets the rest")
 	fs.IntVar(&cfg.MaxAttempts, "max-attempts", 5, "populate pods tried after transient failures before a claim is given up")
+	fs.DurationVar(&cfg.CloneTimeout, "clone-timeout", 3*time.Minute, "how long a CSI clone may take to be bound before the copy is streamed instead")
 	fs.DurationVar(&cfg.MaxRetryDelay, "max-retry-delay", 0, "cap of the backoff of claims waiting for an image or a pod (default 30s)")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		return err

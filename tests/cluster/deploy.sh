@@ -64,6 +64,10 @@ patches:
 - target: {kind: Deployment, name: vimg-controller}
   patch: |-
     - {op: add, path: /spec/template/spec/containers/0/args/-, value: "--upload-external-url=https://$NODE_IP:$UPLOAD_NODE_PORT"}
+# Tests give up a clone the driver refuses sooner than a cluster would.
+- target: {kind: Deployment, name: vimg-populator}
+  patch: |-
+    - {op: add, path: /spec/template/spec/containers/0/args, value: ["--clone-timeout=20s"]}
 YAML
 # CRDs first: deploy/ also holds objects of kinds they define
 # (VolumePopulator), which a single apply cannot map before they exist.
