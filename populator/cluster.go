@@ -104,12 +104,12 @@ func (c *claims) orphan(ctx context.Context, pvc *corev1.PersistentVolumeClaim) 
 	if err != nil {
 		return err
 	}
-	// The pod and its Secret belong to the prime claim: with neither the
-	// prime claim nor the pod in sight, the garbage collector has them,
-	// and a claim that only waits costs no API calls.
 	if err := c.removeClone(ctx, pvc); err != nil {
 		return err
 	}
+	// The pod and its Secret belong to the prime claim: with neither the
+	// prime claim nor the pod in sight, the garbage collector has them,
+	// and a claim that only waits costs no API calls.
 	_, podErr := c.w.pods.Pods(c.w.cfg.Namespace).Get(podName(pvc))
 	if (pvc.Spec.VolumeName == "" || pvc.DeletionTimestamp != nil) && (prime != nil || podErr == nil) {
 		if err := c.w.removePod(ctx, pvc); err != nil {
