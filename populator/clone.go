@@ -11,6 +11,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/klog/v2"
 	"k8s.io/utils/ptr"
 
@@ -93,23 +94,34 @@ func (c *claims) cloneSource(pvc *corev1.PersistentVolumeClaim) string {
 // selector nothing matches: no provisioner serves it and no volume binds
 // to it, but for the cloned volume handed to it (a pre-bound volume
 // skips both checks).
-func (c *claims) mutatePrime(prime *corev1.PersistentVolumeClaim) *corev1.PersistentVolumeClaim {
+//
+// The library has its own informers and names the claim only by the UID in
+// the prime claim's name: the claim may not be in this process's cache yet,
+// so it is waited for a little.
+func (c *claims) mutatePrime(prime *corev1.PersistentVolumeClaim) (*corev1.PersistentVolumeClaim, error) {
 	uid := strings.TrimPrefix(prime.Name, primePrefix)
-	objs, err := c.byUID(uid)
-	if err != nil || len(objs) != 1 {
-		return prime // not in the cache yet: a streamed copy
+	var pvc *corev1.PersistentVolumeClaim
+	err := wait.PollUntilContextTimeout(context.Background(), 20*time.Millisecond, 5*time.Second, true, func(context.Context) (bool, error) {
+		objs, err := c.byUID(uid)
+		if err != nil || len(objs) != 1 {
+			return false, err
+		}
+		pvc = objs[0]
+		return true, nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("finding the claim of prime claim %s: %w", prime.Name, err)
 	}
-	pvc := objs[0]
 	src := c.cloneSource(pvc)
 	if src == "" {
-		return prime
+		return prime, nil
 	}
 	prime.Labels = c.w.labels(pvc)
 	prime.Annotations = annotations(pvc, AnnotationCloneSource, src)
 	prime.Spec.StorageClassName = ptr.To("")
 	prime.Spec.Selector = &metav1.LabelSelector{MatchLabels: map[string]string{LabelCloneOf: uid}}
 	klog.Background().Info("Copy will be a CSI clone", "pvc", klog.KObj(pvc), "source", src)
-	return prime
+	return prime, nil
 }
 
 // clone drives the clone of a copy whose prime claim waits for it. It is
@@ -124,6 +136,15 @@ func (c *claims) clone(ctx context.Context, pvc, prime *corev1.PersistentVolumeC
 	}
 	cl, err := c.pvcs.PersistentVolumeClaims(pvc.Namespace).Get(cloneName(pvc))
 	if apierrors.IsNotFound(err) {
+		// The cache may still hold a prime claim that a clone given up
+		// has deleted: only a live one gets a clone.
+		live, err := c.w.kube.CoreV1().PersistentVolumeClaims(prime.Namespace).Get(ctx, prime.Name, metav1.GetOptions{})
+		if apierrors.IsNotFound(err) || (err == nil && (live.UID != prime.UID || live.DeletionTimestamp != nil)) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("reading prime claim %s: %w", prime.Name, err)
+		}
 		if cl, err = c.createClone(ctx, pvc, src); err != nil {
 			return err
 		}

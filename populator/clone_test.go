@@ -86,7 +86,7 @@ func TestClone_OnlyCopiesACSICloneCanMakeAreCloned(t *testing.T) {
 			f := newFixture(t, src, pvc, sc)
 			f.vis = append(f.vis, pvcImage())
 			f.refresh()
-			got := f.c.mutatePrime(f.prime())
+			got := mustMutate(t, f)
 			cloned := got.Annotations[AnnotationCloneSource] == "vi-img-u1"
 			if cloned != tc.clone {
 				t.Fatalf("cloned = %v, want %v (prime %+v)", cloned, tc.clone, got)
@@ -117,7 +117,7 @@ func TestClone_CloneClaimIsMadeThenItsVolumeHandedToThePrimeClaim(t *testing.T) 
 	f := newFixture(t, src, pvc, sc)
 	f.vis = append(f.vis, pvcImage())
 	f.refresh()
-	prime := f.c.mutatePrime(f.prime())
+	prime := mustMutate(t, f)
 	prime.UID = "p1"
 	if _, err := f.kube.CoreV1().PersistentVolumeClaims("vimg-populate").Create(context.Background(), prime, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
@@ -183,7 +183,7 @@ func TestClone_ACloneNeverBoundFallsBackToAStreamedCopy(t *testing.T) {
 	f.c.w.cfg.CloneTimeout = time.Minute
 	f.vis = append(f.vis, pvcImage())
 	f.refresh()
-	prime := f.c.mutatePrime(f.prime())
+	prime := mustMutate(t, f)
 	if _, err := f.kube.CoreV1().PersistentVolumeClaims("vimg-populate").Create(context.Background(), prime, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -212,8 +212,32 @@ func TestClone_ACloneNeverBoundFallsBackToAStreamedCopy(t *testing.T) {
 		t.Errorf("events %q, want %s", ev, ReasonCloneFailed)
 	}
 	f.refresh()
-	if next := f.c.mutatePrime(f.prime()); next.Annotations[AnnotationCloneSource] != "" || ptr.Deref(next.Spec.StorageClassName, "") != "fast" {
+	next := mustMutate(t, f)
+	if next.Annotations[AnnotationCloneSource] != "" || ptr.Deref(next.Spec.StorageClassName, "") != "fast" {
 		t.Errorf("the next prime claim is still a clone's: %+v", next)
+	}
+
+	// A pass that still sees the deleted prime claim in its cache makes
+	// no clone.
+	if err := f.c.clone(context.Background(), f.pvc("ns", "copy"), prime); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.kube.CoreV1().PersistentVolumeClaims("ns").Get(context.Background(), "vimg-clone-c1", metav1.GetOptions{}); !apierrors.IsNotFound(err) {
+		t.Errorf("a clone claim was made for a prime claim that is gone: %v", err)
+	}
+	// And a clone claim left over all the same goes once the ordinary
+	// prime claim is there.
+	if _, err := f.kube.CoreV1().PersistentVolumeClaims("ns").Create(context.Background(), cl, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.kube.CoreV1().PersistentVolumeClaims("vimg-populate").Create(context.Background(), next, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.sync("copy"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.kube.CoreV1().PersistentVolumeClaims("ns").Get(context.Background(), "vimg-clone-c1", metav1.GetOptions{}); !apierrors.IsNotFound(err) {
+		t.Errorf("the clone claim left over is still there: %v", err)
 	}
 }
 
@@ -227,4 +251,13 @@ func drain(r *record.FakeRecorder) string {
 			return strings.Join(out, "\n")
 		}
 	}
+}
+
+func mustMutate(t *testing.T, f *fixture) *corev1.PersistentVolumeClaim {
+	t.Helper()
+	p, err := f.c.mutatePrime(f.prime())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
 }

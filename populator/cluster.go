@@ -63,10 +63,17 @@ func (c *claims) sync(ctx context.Context, ns, name string) error {
 	if err == nil && ref.Kind == VirtualImageGK.Kind {
 		// The library's, but for the clone its prime claim may wait for.
 		prime, err := c.prime(pvc)
-		if err != nil || prime == nil || prime.Annotations[AnnotationCloneSource] == "" {
+		if err != nil {
 			return err
 		}
-		return c.clone(ctx, pvc, prime)
+		if prime != nil && prime.Annotations[AnnotationCloneSource] != "" {
+			return c.clone(ctx, pvc, prime)
+		}
+		if prime != nil || pvc.Spec.VolumeName != "" || pvc.DeletionTimestamp != nil {
+			// No clone is under way: one left from a clone given up goes.
+			return c.removeClone(ctx, pvc)
+		}
+		return nil
 	}
 	if apierrors.IsNotFound(err) {
 		return c.orphan(ctx, pvc)

@@ -179,7 +179,7 @@ func Run(ctx context.Context, cfg Config, rc *rest.Config, kubeconfig string) er
 		},
 		MutatorConfig: &populatormachinery.MutatorConfig{
 			PvcPrimeMutator: func(p populatormachinery.PvcPrimeMutatorParams) (*corev1.PersistentVolumeClaim, error) {
-				return c.mutatePrime(p.PvcPrime), nil
+				return c.mutatePrime(p.PvcPrime)
 			},
 		},
 		Workqueue: libQueue,

@@ -126,10 +126,10 @@ func TestPVCStorage_CopiesAreCSIClonesWhereTheClassClones(t *testing.T) {
 		}
 	})
 
-	clones, err := f.Client.CoreV1().PersistentVolumeClaims(f.Namespace).List(f.Ctx(time.Minute), metav1.ListOptions{LabelSelector: "app.kubernetes.io/component=clone"})
-	if err != nil || len(clones.Items) != 0 {
-		t.Fatalf("clone claims left: %v, %v", clones, err)
-	}
+	f.WaitFor("no clone claim to be left", time.Minute, func(ctx context.Context) (bool, error) {
+		clones, err := f.Client.CoreV1().PersistentVolumeClaims(f.Namespace).List(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/component=clone"})
+		return err == nil && len(clones.Items) == 0, err
+	})
 	f.Kubectl("", "delete", "pods", "--all", "--wait=true", "--timeout=2m")
 	f.Kubectl("", "delete", "pvc", "-l", "!vimg.dev/image-uid", "--wait=true", "--timeout=2m")
 	f.Kubectl("", "delete", "vi", "--all", "--wait=true", "--timeout=2m")
