@@ -50,7 +50,6 @@ func needFree(t *testing.T, dir string, n int64) {
 	}
 }
 
-
 // checkAdopted fails unless disk.img at mount is size bytes, mode 0660,
 // owned by owner().
 func checkAdopted(t *testing.T, mount string, size int64) {
