@@ -112,6 +112,15 @@ func (c *claims) mutatePrime(prime *corev1.PersistentVolumeClaim) (*corev1.Persi
 	if err != nil {
 		return nil, fmt.Errorf("finding the claim of prime claim %s: %w", prime.Name, err)
 	}
+	// Read afresh: a clone just given up says so on the claim, and the
+	// cache may not show it yet.
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	live, err := c.w.kube.CoreV1().PersistentVolumeClaims(pvc.Namespace).Get(ctx, pvc.Name, metav1.GetOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("reading claim %s/%s of prime claim %s: %w", pvc.Namespace, pvc.Name, prime.Name, err)
+	}
+	pvc = live
 	src := c.cloneSource(pvc)
 	if src == "" {
 		return prime, nil
