@@ -12,6 +12,8 @@ import (
 	"path/filepath"
 
 	"k8s.io/klog/v2"
+
+	"vimg.dev/vimg/csi/internal/fsync"
 )
 
 // pin is the content of pins/<sha256(volumeID)>.json. Volume IDs are
@@ -158,7 +160,7 @@ func (c *Cache) writePin(volumeID string, k Key) error {
 		os.Remove(f.Name())
 		return fmt.Errorf("writing pin: %w", err)
 	}
-	if err := syncDir(filepath.Dir(dst)); err != nil {
+	if err := fsync.Dir(filepath.Dir(dst)); err != nil {
 		return fmt.Errorf("writing pin: %w", err)
 	}
 	return nil
@@ -169,7 +171,7 @@ func (c *Cache) removePin(volumeID string) error {
 	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("removing pin: %w", err)
 	}
-	if err := syncDir(filepath.Dir(path)); err != nil {
+	if err := fsync.Dir(filepath.Dir(path)); err != nil {
 		return fmt.Errorf("removing pin: %w", err)
 	}
 	return nil
@@ -184,18 +186,6 @@ func removeContent(dir string) error {
 		if err := os.RemoveAll(filepath.Join(dir, de.Name())); err != nil {
 			return err
 		}
-	}
-	return nil
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("syncing %s: %w", dir, err)
 	}
 	return nil
 }

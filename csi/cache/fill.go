@@ -16,6 +16,7 @@ import (
 
 	"k8s.io/klog/v2"
 
+	"vimg.dev/vimg/csi/internal/fsync"
 	"vimg.dev/vimg/dvcr/layout"
 )
 
@@ -130,7 +131,7 @@ func commit(path, dst string, now time.Time) error {
 	if err := os.Chmod(tmp, 0o755); err != nil {
 		return err
 	}
-	if err := syncDir(tmp); err != nil {
+	if err := fsync.Dir(tmp); err != nil {
 		return err
 	}
 	if err := os.Rename(tmp, dst); err != nil {
@@ -139,10 +140,10 @@ func commit(path, dst string, now time.Time) error {
 	if err := os.Chtimes(dst, now, now); err != nil {
 		return err
 	}
-	if err := syncDir(filepath.Dir(dst)); err != nil {
+	if err := fsync.Dir(filepath.Dir(dst)); err != nil {
 		return err
 	}
-	return syncDir(filepath.Dir(tmp))
+	return fsync.Dir(filepath.Dir(tmp))
 }
 
 // copy reads the source in chunks with c.o.Parallelism workers, writes the
