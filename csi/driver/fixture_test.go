@@ -5,27 +5,21 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"encoding/pem"
 	"errors"
 	"flag"
 	"io"
-	"log"
-	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
-	"golang.org/x/crypto/bcrypt"
 	"k8s.io/klog/v2"
 
 	"vimg.dev/vimg/csi/cache"
 	"vimg.dev/vimg/csi/mount"
-	"vimg.dev/vimg/dvcr/auth"
 	"vimg.dev/vimg/dvcr/client"
 	"vimg.dev/vimg/dvcr/layout"
-	"vimg.dev/vimg/dvcr/server"
 	"vimg.dev/vimg/pkg/diskimage/testimg"
 )
 
@@ -40,40 +34,6 @@ func TestMain(m *testing.M) {
 		klog.SetOutput(io.Discard)
 	}
 	os.Exit(m.Run())
-}
-
-const dvcrUser, dvcrPass = "csi", "s3cret-csi"
-
-// newDVCR starts DVCR and returns a client of it.
-func newDVCR(t testing.TB) *client.Client {
-	t.Helper()
-	hash, err := bcrypt.GenerateFromPassword([]byte(dvcrPass), bcrypt.MinCost)
-	if err != nil {
-		t.Fatal(err)
-	}
-	users, err := auth.ParseUsers(strings.NewReader("admin:" + dvcrUser + ":" + string(hash) + "\n"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv, err := server.New(context.Background(), server.Config{
-		Storage:   server.Storage{RootDirectory: t.TempDir()},
-		Users:     users,
-		TokenKeys: [][]byte{bytes.Repeat([]byte("k"), 32)},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = srv.Close() })
-	ts := httptest.NewUnstartedServer(srv.Handler())
-	ts.Config.ErrorLog = log.New(io.Discard, "", 0)
-	ts.StartTLS()
-	t.Cleanup(ts.Close)
-	caPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ts.Certificate().Raw})
-	c, err := client.New(strings.TrimPrefix(ts.URL, "https://"), client.Options{Username: dvcrUser, Password: dvcrPass, CABundle: caPEM})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return c
 }
 
 // isoBytes is a raw disk of size bytes (a multiple of 2 KiB) with the

@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"vimg.dev/vimg/csi/mount"
+	"vimg.dev/vimg/dvcr/dvcrtest"
 )
 
 func capability(block bool, mode csi.VolumeCapability_AccessMode_Mode) *csi.VolumeCapability {
@@ -119,7 +120,7 @@ func checkUnpublished(t *testing.T, target string) {
 func TestPublish_TargetsShareOneCacheEntryAndSurviveRestart(t *testing.T) {
 	requireRoot(t)
 	requireLoop(t)
-	c := newDVCR(t)
+	c := dvcrtest.Start(t)
 	data := isoBytes(t, 3<<20)
 	pin := pushImage(t, c, "cdrom", data)
 	state := t.TempDir()
@@ -203,7 +204,7 @@ func TestPublish_TargetsShareOneCacheEntryAndSurviveRestart(t *testing.T) {
 
 func TestPublish_FailedFillLeavesNothingBehind(t *testing.T) {
 	requireRoot(t)
-	c := newDVCR(t)
+	c := dvcrtest.Start(t)
 	pin := pushImage(t, c, "cdrom", isoBytes(t, 1<<20))
 	pin.Size++ // the registry's image is not what the volume pins
 	state := t.TempDir()

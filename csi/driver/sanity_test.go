@@ -35,11 +35,12 @@ import (
 	"github.com/kubernetes-csi/csi-test/v5/pkg/sanity"
 
 	"vimg.dev/vimg/csi/mount"
+	"vimg.dev/vimg/dvcr/dvcrtest"
 )
 
 func TestSanity(t *testing.T) {
 	requireRoot(t)
-	c := newDVCR(t)
+	c := dvcrtest.Start(t)
 	data := isoBytes(t, 4<<20)
 	pin := pushImage(t, c, "sanity-cdrom", data)
 	dir := t.TempDir()
