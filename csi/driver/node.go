@@ -39,17 +39,25 @@ func (d *Driver) NodeGetCapabilities(ctx context.Context, req *csi.NodeGetCapabi
 	return &csi.NodeGetCapabilitiesResponse{}, nil
 }
 
+// volumeAndTarget checks the volume ID and target path every node call
+// carries, and cleans the path.
+func volumeAndTarget(method, id, target string) (string, string, error) {
+	if id == "" {
+		return "", "", status.Errorf(codes.InvalidArgument, "%s: no volume ID", method)
+	}
+	if target == "" || !filepath.IsAbs(target) {
+		return "", "", status.Errorf(codes.InvalidArgument, "%s %s: target path %q: want an absolute path", method, id, target)
+	}
+	return id, filepath.Clean(target), nil
+}
+
 // NodePublishVolume makes the volume's disk available read-only at the
 // target, filling the cache first if this node does not have it yet.
 func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {
-	id, target := req.GetVolumeId(), req.GetTargetPath()
-	if id == "" {
-		return nil, status.Error(codes.InvalidArgument, "NodePublishVolume: no volume ID")
+	id, target, err := volumeAndTarget("NodePublishVolume", req.GetVolumeId(), req.GetTargetPath())
+	if err != nil {
+		return nil, err
 	}
-	if target == "" || !filepath.IsAbs(target) {
-		return nil, status.Errorf(codes.InvalidArgument, "NodePublishVolume %s: target path %q: want an absolute path", id, target)
-	}
-	target = filepath.Clean(target)
 	block, err := checkCapability(req.GetVolumeCapability())
 	if err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "NodePublishVolume %s: %v", id, err)
@@ -259,14 +267,10 @@ func (d *Driver) ensureView(k cache.Key, path string) (string, error) {
 // remove the target, unpin. A target this driver does not know, or knows
 // for another volume, is left alone: there is nothing of this volume there.
 func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublishVolumeRequest) (*csi.NodeUnpublishVolumeResponse, error) {
-	id, target := req.GetVolumeId(), req.GetTargetPath()
-	if id == "" {
-		return nil, status.Error(codes.InvalidArgument, "NodeUnpublishVolume: no volume ID")
+	id, target, err := volumeAndTarget("NodeUnpublishVolume", req.GetVolumeId(), req.GetTargetPath())
+	if err != nil {
+		return nil, err
 	}
-	if target == "" || !filepath.IsAbs(target) {
-		return nil, status.Errorf(codes.InvalidArgument, "NodeUnpublishVolume %s: target path %q: want an absolute path", id, target)
-	}
-	target = filepath.Clean(target)
 	logger := klog.FromContext(ctx).WithValues("volumeID", id, "target", target)
 	ctx = klog.NewContext(ctx, logger)
 

@@ -9,6 +9,7 @@ import (
 	"encoding/pem"
 	"io"
 	"log"
+	"net/http"
 	"net/http/httptest"
 	"strings"
 	"testing"
@@ -23,9 +24,23 @@ import (
 // User and Password are DVCR's one user, an admin.
 const User, Password = "tester", "s3cret-tester"
 
+// Registry is a DVCR started for a test.
+type Registry struct {
+	// Host is host:port; CAPEM the PEM certificate it serves.
+	Host  string
+	CAPEM []byte
+}
+
 // Start starts DVCR for the test's duration and returns a client of it
 // logged in as User; its Registry() is DVCR's address.
 func Start(t testing.TB) *client.Client {
+	t.Helper()
+	return StartWith(t, nil).Client(t)
+}
+
+// StartWith starts DVCR behind wrap(DVCR's handler), for tests that watch
+// or break requests; a nil wrap serves DVCR as it is.
+func StartWith(t testing.TB, wrap func(http.Handler) http.Handler) *Registry {
 	t.Helper()
 	hash, err := bcrypt.GenerateFromPassword([]byte(Password), bcrypt.MinCost)
 	if err != nil {
@@ -44,12 +59,25 @@ func Start(t testing.TB) *client.Client {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = srv.Close() })
-	ts := httptest.NewUnstartedServer(srv.Handler())
+	h := srv.Handler()
+	if wrap != nil {
+		h = wrap(h)
+	}
+	ts := httptest.NewUnstartedServer(h)
+	// Connections a test cuts on purpose are not worth a log line.
 	ts.Config.ErrorLog = log.New(io.Discard, "", 0)
 	ts.StartTLS()
 	t.Cleanup(ts.Close)
-	caPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ts.Certificate().Raw})
-	c, err := client.New(strings.TrimPrefix(ts.URL, "https://"), client.Options{Username: User, Password: Password, CABundle: caPEM})
+	return &Registry{
+		Host:  strings.TrimPrefix(ts.URL, "https://"),
+		CAPEM: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ts.Certificate().Raw}),
+	}
+}
+
+// Client is a client of r logged in as User.
+func (r *Registry) Client(t testing.TB) *client.Client {
+	t.Helper()
+	c, err := client.New(r.Host, client.Options{Username: User, Password: Password, CABundle: r.CAPEM})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -6,7 +6,6 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
-	"encoding/pem"
 	"errors"
 	"io"
 	"log"
@@ -22,11 +21,9 @@ import (
 	"time"
 
 	"github.com/opencontainers/go-digest"
-	"golang.org/x/crypto/bcrypt"
 
-	"vimg.dev/vimg/dvcr/auth"
 	"vimg.dev/vimg/dvcr/client"
-	"vimg.dev/vimg/dvcr/server"
+	"vimg.dev/vimg/dvcr/dvcrtest"
 	"vimg.dev/vimg/pkg/diskimage/source"
 	"vimg.dev/vimg/pkg/diskimage/testimg"
 )
@@ -35,13 +32,10 @@ import (
 // access), images made by qemu-img and the compression tools, and HTTP
 // servers that serve them in the ways sources behave.
 
-const dvcrUser, dvcrPass = "importer", "s3cret-importer"
-
 // registry is DVCR behind a handler that watches and, on demand, breaks
 // uploads.
 type registry struct {
-	host  string
-	caPEM []byte
+	*dvcrtest.Registry
 	// chunkedPatches counts blob PATCHes of unknown length: spills.
 	chunkedPatches atomic.Int64
 	// cutPatchAfter, when > 0, makes the next blob PATCH drop its
@@ -51,52 +45,27 @@ type registry struct {
 
 func newRegistry(t testing.TB) *registry {
 	t.Helper()
-	hash, err := bcrypt.GenerateFromPassword([]byte(dvcrPass), bcrypt.MinCost)
-	if err != nil {
-		t.Fatal(err)
-	}
-	users, err := auth.ParseUsers(strings.NewReader("admin:" + dvcrUser + ":" + string(hash) + "\n"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv, err := server.New(context.Background(), server.Config{
-		Storage:   server.Storage{RootDirectory: t.TempDir()},
-		Users:     users,
-		TokenKeys: [][]byte{bytes.Repeat([]byte("k"), 32)},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = srv.Close() })
 	reg := &registry{}
-	inner := srv.Handler()
-	ts := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.Method == http.MethodPatch && strings.Contains(r.URL.Path, "/blobs/uploads/") {
-			if r.ContentLength < 0 {
-				reg.chunkedPatches.Add(1)
+	reg.Registry = dvcrtest.StartWith(t, func(inner http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.Method == http.MethodPatch && strings.Contains(r.URL.Path, "/blobs/uploads/") {
+				if r.ContentLength < 0 {
+					reg.chunkedPatches.Add(1)
+				}
+				if n := reg.cutPatchAfter.Swap(0); n > 0 {
+					io.CopyN(io.Discard, r.Body, n)
+					panic(http.ErrAbortHandler) // net/http drops the connection
+				}
 			}
-			if n := reg.cutPatchAfter.Swap(0); n > 0 {
-				io.CopyN(io.Discard, r.Body, n)
-				panic(http.ErrAbortHandler) // net/http drops the connection
-			}
-		}
-		inner.ServeHTTP(w, r)
-	}))
-	ts.Config.ErrorLog = log.New(io.Discard, "", 0) // the connections tests cut on purpose
-	ts.StartTLS()
-	t.Cleanup(ts.Close)
-	reg.host = strings.TrimPrefix(ts.URL, "https://")
-	reg.caPEM = pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ts.Certificate().Raw})
+			inner.ServeHTTP(w, r)
+		})
+	})
 	return reg
 }
 
 func (r *registry) client(t testing.TB) *client.Client {
 	t.Helper()
-	c, err := client.New(r.host, client.Options{Username: dvcrUser, Password: dvcrPass, CABundle: r.caPEM})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return c
+	return r.Client(t)
 }
 
 // requireTool returns the path of tool, or skips the test saying why; in CI

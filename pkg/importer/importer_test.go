@@ -343,7 +343,7 @@ func TestImport_SourceErrorsAreClassified(t *testing.T) {
 	})
 	t.Run("self-signed TLS", func(t *testing.T) {
 		reg := newRegistry(t) // any TLS server with a certificate of its own
-		checkClass(t, open("https://"+reg.host+"/v2/"), ReasonTLSError, true, "caBundle", "insecureSkipVerify")
+		checkClass(t, open("https://"+reg.Host+"/v2/"), ReasonTLSError, true, "caBundle", "insecureSkipVerify")
 	})
 }
 
