@@ -55,16 +55,14 @@ func (c *claims) cloneSource(pvc *corev1.PersistentVolumeClaim) string {
 	if err != nil {
 		return ""
 	}
-	im := imageOf(u)
-	if im.ownsClaim(pvc, u) {
-		// An image stored in a claim that copies another one.
-		if im.refKind != VirtualImageGK.Kind {
-			return ""
-		}
-		if u, err = c.image(im.refKind, im.refNamespace, im.refName); err != nil {
-			return ""
-		}
-		im = imageOf(u)
+	if im := imageOf(u); im.ownsClaim(pvc, u) && im.refKind != VirtualImageGK.Kind {
+		// The claim of an image filled from its source, or copying an
+		// image in DVCR: nothing to clone.
+		return ""
+	}
+	im, err := c.w.dataOf(pvc, u)
+	if err != nil {
+		return ""
 	}
 	if im.storage != string(v1.StoragePersistentVolumeClaim) || im.namespace != pvc.Namespace {
 		return ""

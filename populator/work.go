@@ -98,15 +98,9 @@ func (w *worker) populate(ctx context.Context, pvc, prime *corev1.PersistentVolu
 // (clone.go): the clone holds the disk.img of claim src, which the pod
 // grows to this volume and gives to qemu.
 func (w *worker) adoptClone(ctx context.Context, pvc, prime *corev1.PersistentVolumeClaim, u *unstructured.Unstructured, src string) error {
-	im := imageOf(u)
-	if im.ownsClaim(pvc, u) && im.refKind != "" {
-		// The claim of an image that copies another: the size is the
-		// copied image's.
-		copied, err := w.lookup(im.refKind, im.refNamespace, im.refName)
-		if err != nil {
-			return fmt.Errorf("reading %s %s, which %s copies: %w", im.refKind, im.refName, im, err)
-		}
-		im = imageOf(copied)
+	im, err := w.dataOf(pvc, u)
+	if err != nil {
+		return err
 	}
 	a, ok, err := w.startable(ctx, pvc, prime)
 	if !ok || err != nil {
@@ -116,6 +110,20 @@ func (w *worker) adoptClone(ctx context.Context, pvc, prime *corev1.PersistentVo
 	req.Cloned, req.VirtualSize = true, im.virtualSize
 	return w.startPod(ctx, pvc, prime, a, req, "", fmt.Sprintf("Adopting the clone of claim %s (%s, %s virtual) on the Filesystem volume",
 		src, im, api.BytesIEC(im.virtualSize)))
+}
+
+// dataOf is the image whose data fills pvc: u, the image pvc names, or,
+// when pvc is the claim of an image that copies another, that other image.
+func (w *worker) dataOf(pvc *corev1.PersistentVolumeClaim, u *unstructured.Unstructured) (image, error) {
+	im := imageOf(u)
+	if !im.ownsClaim(pvc, u) || im.refKind == "" {
+		return im, nil
+	}
+	copied, err := w.lookup(im.refKind, im.refNamespace, im.refName)
+	if err != nil {
+		return image{}, fmt.Errorf("reading %s %s, which %s copies: %w", im.refKind, im.refName, im, err)
+	}
+	return imageOf(copied), nil
 }
 
 // populateFrom fills the claim from a Ready image: from its copy in DVCR,
