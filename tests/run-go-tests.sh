@@ -19,5 +19,14 @@ if [ "$skipped" -gt 0 ]; then
 		rc=1
 	fi
 fi
+if [ "$failed" -gt 0 ]; then
+	# The log is long and CI may show only its tail: name the failures last.
+	# Each with the lines it logged (go test -v indents them under it).
+	echo "failed tests:"
+	awk '/^[[:space:]]*--- FAIL/ {show = 1; n = 0; print; next}
+		/^[[:space:]]*(---|===) / || /^(ok|FAIL|PASS)/ {show = 0}
+		show && n++ < 30' "$log"
+	grep -E '^FAIL[[:space:]]' "$log"
+fi
 echo "tests: $passed passed, $failed failed, $skipped skipped"
 exit "$rc"

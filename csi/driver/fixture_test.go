@@ -133,7 +133,7 @@ func cleanupTargets(t testing.TB, targets ...string) {
 				t.Logf("cleanup: %v", err)
 			}
 			for _, dev := range devs {
-				if err := mount.DetachLoop(dev); err != nil {
+				if err := mount.DetachLoop(dev, loopTag(target)); err != nil {
 					t.Errorf("cleanup: %v", err)
 				}
 			}

@@ -189,7 +189,7 @@ func (d *Driver) publishBlock(rec *publishRecord, path string, had bool) error {
 	}
 	for _, extra := range found {
 		if extra != dev {
-			if err := mount.DetachLoop(extra); err != nil {
+			if err := mount.DetachLoop(extra, tag); err != nil {
 				return err
 			}
 		}
@@ -303,12 +303,13 @@ func (d *Driver) unpublish(ctx context.Context, rec publishRecord) error {
 	if rec.Block {
 		// Only devices still carrying the target's tag are detached: after
 		// a reboot the recorded /dev/loopN may serve something else.
-		devs, err := mount.FindLoop(loopTag(rec.Target))
+		tag := loopTag(rec.Target)
+		devs, err := mount.FindLoop(tag)
 		if err != nil {
 			return err
 		}
 		for _, dev := range devs {
-			if err := mount.DetachLoop(dev); err != nil {
+			if err := mount.DetachLoop(dev, tag); err != nil {
 				return err
 			}
 		}

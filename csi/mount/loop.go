@@ -189,15 +189,36 @@ func loopName(dev string) (name string, bound bool, err error) {
 	return cString(info.File_name[:]), true, nil
 }
 
-// DetachLoop detaches dev from its backing file; a free device (ENXIO) is
-// already detached. While anything else holds dev open the kernel defers
-// the detach to the last close, so the device may linger briefly.
-func DetachLoop(dev string) error {
+// DetachLoop detaches dev from its backing file if dev still carries tag.
+// Device numbers are reused as soon as a device is free, so a path alone
+// may by now name another process's device: the tag is checked on the same
+// open file the detach goes through. A free device (ENXIO), or one bound
+// under another tag, is left as it is. While anything else holds dev open
+// the kernel defers the detach to the last close, so the device may linger
+// briefly.
+func DetachLoop(dev, tag string) error {
+	if tag == "" {
+		return fmt.Errorf("detach %s: empty loop tag", dev)
+	}
 	fd, err := unix.Open(dev, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ENXIO) {
+		return nil
+	}
 	if err != nil {
 		return fmt.Errorf("open %s: %w", dev, err)
 	}
 	defer unix.Close(fd)
+	info, err := unix.IoctlLoopGetStatus64(fd)
+	if errors.Is(err, unix.ENXIO) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("LOOP_GET_STATUS64 %s: %w", dev, err)
+	}
+	if name := cString(info.File_name[:]); name != storedTag(tag) {
+		klog.V(2).InfoS("Loop device carries another tag; not detaching it", "device", dev, "tag", name, "want", storedTag(tag))
+		return nil
+	}
 	err = unix.IoctlSetInt(fd, unix.LOOP_CLR_FD, 0)
 	if errors.Is(err, unix.ENXIO) {
 		return nil

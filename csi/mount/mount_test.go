@@ -198,6 +198,14 @@ func testLoop(t *testing.T) {
 	if devs, err := FindLoop(tag); err != nil || len(devs) != 1 || devs[0] != dev {
 		t.Fatalf("FindLoop(%q) = %v, %v; want [%s]", tag, devs, err, dev)
 	}
+	// A detach under another tag (a stale path, a reused device) is a no-op.
+	if err := DetachLoop(dev, tag+"-other"); err != nil {
+		t.Fatalf("DetachLoop under another tag: %v", err)
+	}
+	if devs, err := FindLoop(tag); err != nil || len(devs) != 1 || devs[0] != dev {
+		t.Fatalf("after a detach under another tag, FindLoop(%q) = %v, %v; want [%s]", tag, devs, err, dev)
+	}
+	assertDevice(t, dev, want)
 
 	if err := BindReadOnly(dev, target); err != nil {
 		t.Fatal(err)
@@ -208,14 +216,16 @@ func testLoop(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	if err := DetachLoop(dev); err != nil {
+	if err := DetachLoop(dev, tag); err != nil {
 		t.Fatal(err)
 	}
 	assertContent(t, file, want)
 	if devs, err := FindLoop(tag); err != nil || len(devs) != 0 {
 		t.Fatalf("FindLoop(%q) after detach = %v, %v; want none", tag, devs, err)
 	}
-	if err := DetachLoop(dev); err != nil {
+	// Again: by now dev is free, or another process's device under
+	// another tag; either way it is left alone.
+	if err := DetachLoop(dev, tag); err != nil {
 		t.Fatalf("DetachLoop of a free device: %v", err)
 	}
 }
@@ -272,7 +282,7 @@ func detachTagged(t *testing.T, tag string) {
 		t.Errorf("cleanup: %v", err)
 	}
 	for _, dev := range devs {
-		if err := DetachLoop(dev); err != nil {
+		if err := DetachLoop(dev, tag); err != nil {
 			t.Errorf("cleanup: %v", err)
 		}
 	}
