@@ -119,12 +119,31 @@ func (c *claims) mutatePrime(prime *corev1.PersistentVolumeClaim) (*corev1.Persi
 		return nil, fmt.Errorf("reading claim %s/%s of prime claim %s: %w", pvc.Namespace, pvc.Name, prime.Name, err)
 	}
 	pvc = live
+	// Every prime claim names its claim: the CSI driver's CreateVolume
+	// follows it back (cdrom.go).
+	prime.Labels = c.w.labels(pvc)
+	if prime.Annotations == nil {
+		prime.Annotations = map[string]string{}
+	}
+	prime.Annotations[AnnotationClaimName] = pvc.Name
+	if c.servedByDriver(pvc) {
+		ref := pvc.Spec.DataSourceRef
+		u, err := c.image(ref.Kind, pvc.Namespace, ref.Name)
+		if err != nil {
+			return nil, fmt.Errorf("reading %s %s/%s of claim %s/%s: %w", ref.Kind, pvc.Namespace, ref.Name, pvc.Namespace, pvc.Name, err)
+		}
+		if why := c.servable(pvc, u); why != "" {
+			return nil, fmt.Errorf("claim %s/%s: %s", pvc.Namespace, pvc.Name, why)
+		}
+		prime.Annotations[AnnotationServedBy] = CSIDriver
+		return prime, nil
+	}
 	src := c.cloneSource(pvc)
 	if src == "" {
 		return prime, nil
 	}
-	prime.Labels = c.w.labels(pvc)
-	prime.Annotations = annotations(pvc, AnnotationCloneSource, src)
+	prime.Annotations[AnnotationCloneSource] = src
+	delete(prime.Annotations, annSelectedNode) // the clone claim carries it
 	prime.Spec.StorageClassName = ptr.To("")
 	prime.Spec.Selector = &metav1.LabelSelector{MatchLabels: map[string]string{LabelCloneOf: uid}}
 	klog.Background().Info("Copy will be a CSI clone", "pvc", klog.KObj(pvc), "source", src)

@@ -169,7 +169,11 @@ func (c *claims) populate(ctx context.Context, pvc *corev1.PersistentVolumeClaim
 			}
 		}
 		if prime == nil {
-			if prime, err = c.createPrime(ctx, pvc, node); err != nil {
+			served := c.servedByDriver(pvc)
+			if served && c.servable(pvc, u) != "" {
+				return nil // the image's events bring us back
+			}
+			if prime, err = c.createPrime(ctx, pvc, node, served); err != nil {
 				return err
 			}
 		}
@@ -208,7 +212,7 @@ func (c *claims) populate(ctx context.Context, pvc *corev1.PersistentVolumeClaim
 	return c.setFinalizer(ctx, pvc, false)
 }
 
-func (c *claims) createPrime(ctx context.Context, pvc *corev1.PersistentVolumeClaim, node string) (*corev1.PersistentVolumeClaim, error) {
+func (c *claims) createPrime(ctx context.Context, pvc *corev1.PersistentVolumeClaim, node string, served bool) (*corev1.PersistentVolumeClaim, error) {
 	p := &corev1.PersistentVolumeClaim{
 		ObjectMeta: metav1.ObjectMeta{
 			Name: primeName(pvc), Namespace: c.w.cfg.Namespace,
@@ -223,6 +227,9 @@ func (c *claims) createPrime(ctx context.Context, pvc *corev1.PersistentVolumeCl
 	}
 	if node != "" {
 		p.Annotations[annSelectedNode] = node
+	}
+	if served {
+		p.Annotations[AnnotationServedBy] = CSIDriver
 	}
 	created, err := c.w.kube.CoreV1().PersistentVolumeClaims(p.Namespace).Create(ctx, p, metav1.CreateOptions{})
 	if apierrors.IsAlreadyExists(err) {

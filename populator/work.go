@@ -84,6 +84,9 @@ func (w *worker) populate(ctx context.Context, pvc, prime *corev1.PersistentVolu
 	} else if !apierrors.IsNotFound(err) {
 		return err
 	}
+	if prime.Annotations[AnnotationServedBy] != "" {
+		return nil // cdrom.go: nothing to copy
+	}
 	im := imageOf(u)
 	if src := prime.Annotations[AnnotationCloneSource]; src != "" {
 		return w.adoptClone(ctx, pvc, prime, u, src)
@@ -386,6 +389,9 @@ func (w *worker) tooSmall(block bool, capacity, virtualSize int64) string {
 func (w *worker) complete(ctx context.Context, pvc, prime *corev1.PersistentVolumeClaim) (bool, error) {
 	if prime == nil || prime.Annotations[AnnotationFailed] != "" {
 		return false, nil
+	}
+	if prime.Annotations[AnnotationServedBy] != "" && prime.Spec.VolumeName != "" {
+		return w.served(ctx, pvc, prime)
 	}
 	pod, err := w.pods.Pods(w.cfg.Namespace).Get(podName(pvc))
 	if apierrors.IsNotFound(err) {

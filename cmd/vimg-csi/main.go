@@ -20,6 +20,7 @@ import (
 
 	"vimg.dev/vimg/csi/cache"
 	"vimg.dev/vimg/csi/driver"
+	"vimg.dev/vimg/csi/registration"
 	"vimg.dev/vimg/csi/resolve"
 	"vimg.dev/vimg/dvcr/client"
 	"vimg.dev/vimg/pkg/version"
@@ -40,6 +41,8 @@ func run() error {
 	var (
 		endpoint, nodeID, stateDir, mode string
 		dvcrAddress, caFile, kubeconfig  string
+		registrationDir, kubeletEndpoint string
+		populateNamespace                string
 		maxBytes                         int64
 	)
 	fs.StringVar(&endpoint, "endpoint", "unix:///csi/csi.sock", "CSI endpoint (unix:///absolute/path)")
@@ -50,6 +53,9 @@ func run() error {
 	fs.StringVar(&caFile, "dvcr-ca-file", "/etc/vimg/dvcr-ca/ca.crt", "PEM CA bundle of DVCR")
 	fs.StringVar(&kubeconfig, "kubeconfig", "", "kubeconfig file (default: in-cluster)")
 	fs.StringVar(&mode, "mode", "node", "services to run: node, controller or both")
+	fs.StringVar(&registrationDir, "registration-dir", "", "the kubelet's plugins_registry directory, where the node plugin registers itself; empty: do not register")
+	fs.StringVar(&kubeletEndpoint, "kubelet-endpoint", "", "the CSI socket's path as the kubelet sees it (default: --endpoint's path)")
+	fs.StringVar(&populateNamespace, "populate-namespace", "vimg-populate", "namespace of the vimg populator's prime claims, the only claims the controller provisions")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		return err
 	}
@@ -111,7 +117,8 @@ func run() error {
 	cfg := driver.Config{
 		Version:  version.Version,
 		StateDir: stateDir,
-		Resolve:  &resolve.Resolver{Dynamic: dyn, Kube: kube, DVCR: dvcr, DVCRAddress: dvcrAddress},
+		Resolve: &resolve.Resolver{Dynamic: dyn, Kube: kube, DVCR: dvcr, DVCRAddress: dvcrAddress,
+			PopulateNamespace: populateNamespace},
 	}
 	if node {
 		ch, err := cache.Open(filepath.Join(stateDir, "cache"), cache.Options{MaxBytes: maxBytes})
@@ -138,5 +145,21 @@ func run() error {
 	defer stop()
 	ctx = klog.NewContext(ctx, klog.Background())
 	klog.InfoS("Starting vimg-csi", "version", version.Version, "mode", mode, "node", nodeID, "endpoint", endpoint)
+	if node && registrationDir != "" {
+		socket, err := driver.ParseEndpoint(endpoint)
+		if err != nil {
+			return err
+		}
+		if kubeletEndpoint == "" {
+			kubeletEndpoint = socket
+		}
+		reg := &registration.Server{Driver: driver.DefaultName, Endpoint: kubeletEndpoint}
+		go func() {
+			if err := registration.Serve(ctx, reg, registrationDir, socket); err != nil {
+				klog.ErrorS(err, "Kubelet plugin registration failed")
+				stop() // the pod restarts and registers anew
+			}
+		}()
+	}
 	return driver.Serve(ctx, endpoint, d)
 }

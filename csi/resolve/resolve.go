@@ -1,14 +1,12 @@
 // Package resolve implements the CSI driver's Resolver (csi/driver): it
 // turns a VirtualImage or ClusterVirtualImage into the Pin of the image
-// DVCR holds for it, and reads the Pin the populator wrote on a
-// PersistentVolumeClaim.
+// DVCR holds for it, and follows a PersistentVolumeClaim the populator made
+// back to the image its user's claim names.
 package resolve
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
-	"fmt"
 	"strings"
 
 	"github.com/distribution/reference"
@@ -27,10 +25,6 @@ import (
 	v1 "vimg.dev/vimg/pkg/apis/virtualization/v1alpha2"
 )
 
-// AnnotationImagePin is the claim annotation holding the Pin of the image
-// a claim was filled from, as JSON (MarshalPin). The vimg populator sets it.
-const AnnotationImagePin = "vimg.dev/image-pin"
-
 // The resources a Resolver reads.
 var (
 	VirtualImageGVR        = v1.SchemeGroupVersion.WithResource("virtualimages")
@@ -38,7 +32,8 @@ var (
 )
 
 // Resolver resolves VirtualImages and ClusterVirtualImages through the
-// API server and DVCR, and claims through their AnnotationImagePin.
+// API server and DVCR, and the populator's prime claims through the
+// claims they serve.
 type Resolver struct {
 	// Dynamic reads VirtualImages and ClusterVirtualImages.
 	Dynamic dynamic.Interface
@@ -49,6 +44,9 @@ type Resolver struct {
 	// DVCRAddress is DVCR's host:port as images' status.target.registryURL
 	// names it.
 	DVCRAddress string
+	// PopulateNamespace is where the vimg populator makes prime claims;
+	// only claims there are resolved (claim).
+	PopulateNamespace string
 }
 
 var _ driver.Resolver = (*Resolver)(nil)
@@ -150,68 +148,62 @@ func (r *Resolver) image(ctx context.Context, kind string, gvr schema.GroupVersi
 	return pin, nil
 }
 
-// claim reads the Pin the populator wrote on a claim.
+// The labels and annotation by which the populator's prime claims name the
+// user's claim they serve (package populator; not imported, to keep the
+// node plugin's dependencies small).
+const (
+	labelClaimUID       = "vimg.dev/pvc-uid"
+	labelClaimNamespace = "vimg.dev/pvc-namespace"
+	annotationClaimName = "vimg.dev/pvc-name"
+)
+
+// claim resolves the claim being provisioned: a prime claim of the
+// populator's, which names the user's claim, whose dataSourceRef names the
+// image. Only claims in PopulateNamespace are followed: there only the
+// populator makes claims, so their labels can be trusted to name the
+// claim they serve, whose own dataSourceRef then decides (an image of the
+// user's claim's namespace, or a cluster image). Any other claim of the
+// driver's class is refused.
 func (r *Resolver) claim(ctx context.Context, namespace, name string) (driver.Pin, error) {
 	what := objectName(driver.KindPersistentVolumeClaim, namespace, name)
-	pvc, err := r.Kube.CoreV1().PersistentVolumeClaims(namespace).Get(ctx, name, metav1.GetOptions{})
+	if r.PopulateNamespace == "" || namespace != r.PopulateNamespace {
+		return driver.Pin{}, status.Errorf(codes.InvalidArgument, "%s: a claim of this driver's class needs a dataSourceRef naming a VirtualImage or ClusterVirtualImage (apiGroup %s), which the vimg populator serves",
+			what, v1.GroupName)
+	}
+	prime, err := r.Kube.CoreV1().PersistentVolumeClaims(namespace).Get(ctx, name, metav1.GetOptions{})
 	switch {
 	case apierrors.IsNotFound(err):
 		return driver.Pin{}, status.Errorf(codes.NotFound, "%s not found", what)
 	case err != nil:
 		return driver.Pin{}, status.Errorf(codes.Unavailable, "reading %s: %v", what, err)
 	}
-	s, ok := pvc.Annotations[AnnotationImagePin]
-	if !ok {
-		return driver.Pin{}, status.Errorf(codes.FailedPrecondition, "%s: claim has no %s: it is filled by the vimg populator", what, AnnotationImagePin)
+	userNS, userName, uid := prime.Labels[labelClaimNamespace], prime.Annotations[annotationClaimName], prime.Labels[labelClaimUID]
+	if userNS == "" || userName == "" || uid == "" {
+		return driver.Pin{}, status.Errorf(codes.FailedPrecondition, "%s names no claim it serves (%s, %s, %s)", what, labelClaimNamespace, annotationClaimName, labelClaimUID)
 	}
-	pin, err := UnmarshalPin(s)
-	if err != nil {
-		return driver.Pin{}, status.Errorf(codes.InvalidArgument, "%s: %v", what, err)
+	userWhat := objectName(driver.KindPersistentVolumeClaim, userNS, userName)
+	pvc, err := r.Kube.CoreV1().PersistentVolumeClaims(userNS).Get(ctx, userName, metav1.GetOptions{})
+	switch {
+	case apierrors.IsNotFound(err):
+		return driver.Pin{}, status.Errorf(codes.NotFound, "%s, which %s serves, not found", userWhat, what)
+	case err != nil:
+		return driver.Pin{}, status.Errorf(codes.Unavailable, "reading %s: %v", userWhat, err)
 	}
-	return pin, nil
-}
-
-// pinJSON is the Pin as AnnotationImagePin holds it.
-type pinJSON struct {
-	Ref   string `json:"ref"`
-	Layer string `json:"layer"`
-	File  string `json:"file"`
-	Size  int64  `json:"size"`
-}
-
-// MarshalPin returns p as the value of AnnotationImagePin.
-func MarshalPin(p driver.Pin) (string, error) {
-	if err := p.Validate(); err != nil {
-		return "", err
+	if string(pvc.UID) != uid {
+		return driver.Pin{}, status.Errorf(codes.NotFound, "%s has UID %s; %s serves the claim of UID %s, since deleted", userWhat, pvc.UID, what, uid)
 	}
-	b, err := json.Marshal(pinJSON{Ref: p.Ref, Layer: p.Layer, File: p.File, Size: p.Size})
-	if err != nil {
-		return "", err
+	ref := pvc.Spec.DataSourceRef
+	if ref == nil || ref.APIGroup == nil || *ref.APIGroup != v1.GroupName {
+		return driver.Pin{}, status.Errorf(codes.FailedPrecondition, "%s names no image of %s in its dataSourceRef", userWhat, v1.GroupName)
 	}
-	return string(b), nil
-}
-
-// maxPinJSON bounds an annotation's value; a real one is under 400 bytes.
-const maxPinJSON = 4 << 10
-
-// UnmarshalPin decodes and validates the value of AnnotationImagePin.
-// Unknown fields are refused.
-func UnmarshalPin(s string) (driver.Pin, error) {
-	if len(s) > maxPinJSON {
-		return driver.Pin{}, fmt.Errorf("%s: %d bytes, want at most %d", AnnotationImagePin, len(s), maxPinJSON)
+	switch ref.Kind {
+	case driver.KindVirtualImage:
+		if ref.Namespace != nil && *ref.Namespace != "" && *ref.Namespace != userNS {
+			return driver.Pin{}, status.Errorf(codes.FailedPrecondition, "%s: a VirtualImage of another namespace (%s) cannot be served", userWhat, *ref.Namespace)
+		}
+		return r.Resolve(ctx, driver.KindVirtualImage, userNS, ref.Name)
+	case driver.KindClusterVirtualImage:
+		return r.Resolve(ctx, driver.KindClusterVirtualImage, "", ref.Name)
 	}
-	dec := json.NewDecoder(strings.NewReader(s))
-	dec.DisallowUnknownFields()
-	var j pinJSON
-	if err := dec.Decode(&j); err != nil {
-		return driver.Pin{}, fmt.Errorf("%s: %w", AnnotationImagePin, err)
-	}
-	if dec.More() {
-		return driver.Pin{}, fmt.Errorf("%s: trailing data after the JSON object", AnnotationImagePin)
-	}
-	p := driver.Pin{Ref: j.Ref, Layer: j.Layer, File: j.File, Size: j.Size}
-	if err := p.Validate(); err != nil {
-		return driver.Pin{}, fmt.Errorf("%s: %w", AnnotationImagePin, err)
-	}
-	return p, nil
+	return driver.Pin{}, status.Errorf(codes.FailedPrecondition, "%s: dataSourceRef kind %q is not VirtualImage or ClusterVirtualImage", userWhat, ref.Kind)
 }

@@ -13,8 +13,10 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/types"
 	dynamicfake "k8s.io/client-go/dynamic/fake"
 	kubefake "k8s.io/client-go/kubernetes/fake"
+	"k8s.io/utils/ptr"
 
 	"vimg.dev/vimg/csi/driver"
 	"vimg.dev/vimg/dvcr/dvcrtest"
@@ -165,87 +167,76 @@ func TestResolve_DVCRUnreachableIsUnavailable(t *testing.T) {
 	wantCode(t, err, codes.Unavailable, "VirtualImage ns/ubuntu")
 }
 
-func claim(namespace, name string, annotations map[string]string) *corev1.PersistentVolumeClaim {
-	return &corev1.PersistentVolumeClaim{ObjectMeta: metav1.ObjectMeta{Namespace: namespace, Name: name, Annotations: annotations}}
+// primeOf is a prime claim of the populator's in vimg-populate serving
+// claim ns/name of UID uid.
+func primeOf(ns, name, uid string) *corev1.PersistentVolumeClaim {
+	return &corev1.PersistentVolumeClaim{ObjectMeta: metav1.ObjectMeta{
+		Namespace: "vimg-populate", Name: "prime-" + uid,
+		Labels:      map[string]string{labelClaimNamespace: ns, labelClaimUID: uid},
+		Annotations: map[string]string{annotationClaimName: name},
+	}}
 }
 
-func TestResolve_ClaimsCarryThePopulatorsPin(t *testing.T) {
+func userClaim(ns, name, uid string, ref *corev1.TypedObjectReference) *corev1.PersistentVolumeClaim {
+	return &corev1.PersistentVolumeClaim{
+		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name, UID: types.UID(uid)},
+		Spec:       corev1.PersistentVolumeClaimSpec{DataSourceRef: ref},
+	}
+}
+
+func imageRef(kind, name string) *corev1.TypedObjectReference {
+	return &corev1.TypedObjectReference{APIGroup: ptr.To(v1.GroupName), Kind: kind, Name: name}
+}
+
+// A prime claim is followed to the claim it serves, whose dataSourceRef
+// names the image; claims anywhere else, and prime claims whose claim is
+// gone or names no image, are refused.
+func TestResolve_PrimeClaimsResolveToTheImageTheirClaimNames(t *testing.T) {
 	r := newResolver(t)
+	r.PopulateNamespace = "vimg-populate"
 	vi := pushDisk(t, r.DVCR, layout.KindVirtualImage, "ns", "ubuntu", 64<<10)
-	good, err := MarshalPin(vi.pin)
-	if err != nil {
-		t.Fatal(err)
-	}
-	bad := vi.pin
-	bad.File = "../etc/passwd"
-	badJSON := `{"ref":"` + bad.Ref + `","layer":"` + bad.Layer + `","file":"../etc/passwd","size":65536}`
-	r.Kube = kubefake.NewClientset(
-		claim("ns", "filled", map[string]string{AnnotationImagePin: good}),
-		claim("ns", "empty", nil),
-		claim("ns", "garbage", map[string]string{AnnotationImagePin: "{not json"}),
-		claim("ns", "hostile", map[string]string{AnnotationImagePin: badJSON}),
-		claim("ns", "extra", map[string]string{AnnotationImagePin: strings.TrimSuffix(good, "}") + `,"x":1}`}),
+	cvi := pushDisk(t, r.DVCR, layout.KindClusterVirtualImage, "", "debian", 32<<10)
+	r.Dynamic = withImages(
+		imageObject("ns", "ubuntu", "Ready", "ContainerRegistry", r.DVCRAddress+"/"+vi.tagged),
+		imageObject("", "debian", "Ready", "ContainerRegistry", r.DVCRAddress+"/"+cvi.tagged),
 	)
-	got, err := r.Resolve(ctxT(t), driver.KindPersistentVolumeClaim, "ns", "filled")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got != vi.pin {
-		t.Errorf("pin %+v, want %+v", got, vi.pin)
+	otherNS := imageRef("VirtualImage", "ubuntu")
+	otherNS.Namespace = ptr.To("elsewhere")
+	r.Kube = kubefake.NewClientset(
+		userClaim("ns", "cd", "u1", imageRef("VirtualImage", "ubuntu")), primeOf("ns", "cd", "u1"),
+		userClaim("ns", "cluster", "u2", imageRef("ClusterVirtualImage", "debian")), primeOf("ns", "cluster", "u2"),
+		primeOf("ns", "gone", "u3"),
+		userClaim("ns", "recreated", "u4-new", imageRef("VirtualImage", "ubuntu")), primeOf("ns", "recreated", "u4"),
+		userClaim("ns", "plain", "u5", nil), primeOf("ns", "plain", "u5"),
+		userClaim("ns", "crossns", "u6", otherNS), primeOf("ns", "crossns", "u6"),
+		&corev1.PersistentVolumeClaim{ObjectMeta: metav1.ObjectMeta{Namespace: "vimg-populate", Name: "unlabelled"}},
+		userClaim("ns", "direct", "u7", nil),
+	)
+	for name, want := range map[string]driver.Pin{"prime-u1": vi.pin, "prime-u2": cvi.pin} {
+		got, err := r.Resolve(ctxT(t), driver.KindPersistentVolumeClaim, "vimg-populate", name)
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if got != want {
+			t.Errorf("%s: pin %+v, want %+v", name, got, want)
+		}
 	}
 	for _, tc := range []struct {
-		name string
-		code codes.Code
-		says string
+		ns, name string
+		code     codes.Code
+		says     string
 	}{
-		{"missing", codes.NotFound, "PersistentVolumeClaim ns/missing not found"},
-		{"empty", codes.FailedPrecondition, "claim has no vimg.dev/image-pin: it is filled by the vimg populator"},
-		{"garbage", codes.InvalidArgument, AnnotationImagePin},
-		{"hostile", codes.InvalidArgument, "vimg.dev/disk-file"},
-		{"extra", codes.InvalidArgument, "unknown field"},
+		{"vimg-populate", "prime-missing", codes.NotFound, "PersistentVolumeClaim vimg-populate/prime-missing not found"},
+		{"vimg-populate", "prime-u3", codes.NotFound, "PersistentVolumeClaim ns/gone, which PersistentVolumeClaim vimg-populate/prime-u3 serves, not found"},
+		{"vimg-populate", "prime-u4", codes.NotFound, "since deleted"},
+		{"vimg-populate", "prime-u5", codes.FailedPrecondition, "names no image"},
+		{"vimg-populate", "prime-u6", codes.FailedPrecondition, "another namespace"},
+		{"vimg-populate", "unlabelled", codes.FailedPrecondition, "names no claim it serves"},
+		{"ns", "direct", codes.InvalidArgument, "needs a dataSourceRef naming a VirtualImage or ClusterVirtualImage"},
 	} {
-		t.Run(tc.name, func(t *testing.T) {
-			_, err := r.Resolve(ctxT(t), driver.KindPersistentVolumeClaim, "ns", tc.name)
+		t.Run(tc.ns+"/"+tc.name, func(t *testing.T) {
+			_, err := r.Resolve(ctxT(t), driver.KindPersistentVolumeClaim, tc.ns, tc.name)
 			wantCode(t, err, tc.code, tc.says)
 		})
-	}
-}
-
-func TestMarshalPin_RoundTripsAndRefusesInvalidPins(t *testing.T) {
-	p := driver.Pin{
-		Ref:   "vi/ns/x@sha256:" + strings.Repeat("a", 64),
-		Layer: "sha256:" + strings.Repeat("b", 64),
-		File:  "disk.iso",
-		Size:  4096,
-	}
-	s, err := MarshalPin(p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	want := `{"ref":"vi/ns/x@sha256:` + strings.Repeat("a", 64) + `","layer":"sha256:` + strings.Repeat("b", 64) + `","file":"disk.iso","size":4096}`
-	if s != want {
-		t.Errorf("marshalled %s, want %s", s, want)
-	}
-	got, err := UnmarshalPin(s)
-	if err != nil || got != p {
-		t.Errorf("round trip: %+v, %v", got, err)
-	}
-	bad := p
-	bad.Size = 0
-	if _, err := MarshalPin(bad); err == nil {
-		t.Error("marshalled a pin of size 0")
-	}
-	for _, s := range []string{
-		"",
-		"null",
-		want + `{}`,
-		strings.Replace(want, `"size":4096`, `"size":-1`, 1),
-		strings.Replace(want, `sha256:aaaa`, `sha256:AAAA`, 1),
-		`{"ref":"x"}`,
-		`{"` + strings.Repeat("x", 5000) + `":1}`,
-	} {
-		if p, err := UnmarshalPin(s); err == nil {
-			t.Errorf("UnmarshalPin(%.60q) = %+v, want an error", s, p)
-		}
 	}
 }

@@ -14,6 +14,8 @@ import (
 	"google.golang.org/grpc"
 	"k8s.io/klog/v2"
 	registerapi "k8s.io/kubelet/pkg/apis/pluginregistration/v1"
+
+	"vimg.dev/vimg/csi/registration"
 )
 
 type socket struct {
@@ -34,8 +36,8 @@ func (d *Driver) Run(ctx context.Context) error {
 	sockets := []socket{{csiServer, d.cfg.Endpoint}}
 	if d.cfg.RegistrationDir != "" {
 		reg := newServer()
-		registerapi.RegisterRegistrationServer(reg, &registration{endpoint: d.cfg.KubeletRegistrationPath})
-		sockets = append(sockets, socket{reg, filepath.Join(d.cfg.RegistrationDir, registrationSocket)})
+		registerapi.RegisterRegistrationServer(reg, &registration.Server{Driver: DriverName, Endpoint: d.cfg.KubeletRegistrationPath})
+		sockets = append(sockets, socket{reg, registration.SocketPath(d.cfg.RegistrationDir, DriverName)})
 	}
 
 	errc := make(chan error, len(sockets))

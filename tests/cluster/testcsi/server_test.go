@@ -13,6 +13,8 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	registerapi "k8s.io/kubelet/pkg/apis/pluginregistration/v1"
+
+	"vimg.dev/vimg/csi/registration"
 )
 
 func dial(t *testing.T, socket string) *grpc.ClientConn {
@@ -31,7 +33,7 @@ func dial(t *testing.T, socket string) *grpc.ClientConn {
 func TestServeOverUnixSockets(t *testing.T) {
 	dir := t.TempDir()
 	endpoint, regDir := filepath.Join(dir, "csi.sock"), filepath.Join(dir, "registry")
-	regSocket := filepath.Join(regDir, registrationSocket)
+	regSocket := registration.SocketPath(regDir, DriverName)
 	d, err := New(Config{Endpoint: endpoint, DataDir: filepath.Join(dir, "data"), NodeID: nodeID,
 		RegistrationDir: regDir, KubeletRegistrationPath: "/kubelet/view/csi.sock"})
 	if err != nil {
