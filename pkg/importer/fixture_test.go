@@ -204,7 +204,16 @@ type serveOpts struct {
 	status int
 	// sent, when set, counts the bytes of body the server wrote.
 	sent *atomic.Int64
+	// holdAt, when > 0, stops each response after that many bytes of body
+	// until the client goes away (or holdFor passes): a source whose rest
+	// is still to come, whatever the machine's load, so that a test can
+	// tell whether the client stopped reading by itself.
+	holdAt int64
 }
+
+// holdFor bounds a hold, so that a client that never stops fails its
+// test instead of hanging it.
+const holdFor = 2 * time.Minute
 
 // serve serves data over HTTP and returns its URL.
 func serve(t testing.TB, data []byte, o serveOpts) string {
@@ -215,7 +224,7 @@ func serve(t testing.TB, data []byte, o serveOpts) string {
 			http.Error(w, http.StatusText(o.status), o.status)
 			return
 		}
-		sw := &slowWriter{ResponseWriter: w, delay: o.delay, cutAt: -1, sent: o.sent}
+		sw := &slowWriter{ResponseWriter: w, delay: o.delay, cutAt: -1, sent: o.sent, holdAt: o.holdAt, gone: r.Context().Done()}
 		if o.dropAt > 0 && dropped.CompareAndSwap(false, true) {
 			sw.cutAt = o.dropAt
 		}
@@ -244,11 +253,35 @@ type slowWriter struct {
 	cutAt int64
 	n     int64
 	sent  *atomic.Int64
+	// holdAt and gone: see serveOpts.holdAt.
+	holdAt int64
+	gone   <-chan struct{}
+	held   bool
 }
 
 func (s *slowWriter) Write(p []byte) (int, error) {
 	if s.delay > 0 {
 		time.Sleep(s.delay)
+	}
+	if s.holdAt > 0 && !s.held && s.n+int64(len(p)) > s.holdAt {
+		s.held = true
+		head := p[:s.holdAt-s.n]
+		n, err := s.ResponseWriter.Write(head)
+		s.n += int64(n)
+		if s.sent != nil {
+			s.sent.Add(int64(n))
+		}
+		if err != nil {
+			return n, err
+		}
+		s.ResponseWriter.(http.Flusher).Flush()
+		select {
+		case <-s.gone:
+			return n, http.ErrAbortHandler
+		case <-time.After(holdFor):
+		}
+		m, err := s.Write(p[len(head):])
+		return n + m, err
 	}
 	if s.cutAt >= 0 && s.n+int64(len(p)) > s.cutAt {
 		s.ResponseWriter.Write(p[:s.cutAt-s.n])

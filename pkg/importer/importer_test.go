@@ -234,15 +234,16 @@ func TestImport_HostileOrBrokenImagesAreRefusedWithoutManifest(t *testing.T) {
 	truncated := good[:len(good)*6/10]
 
 	// A compressed qcow2 with garbage a quarter in: the engine finds it
-	// while the upload is under way, served slowly enough that the rest
-	// of the file is still to come.
+	// while the upload is under way; the source holds its second half back
+	// until the client goes, so the rest of the file is still to come
+	// however slow the machine is.
 	compressedQcow2 := filepath.Join(dir, "c.qcow2")
 	run(t, "qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", patternDisk(t, 16<<20, 5), compressedQcow2)
 	corrupt := readFile(t, compressedQcow2)
 	for i := len(corrupt) / 4; i < len(corrupt)/4+256<<10; i++ {
 		corrupt[i] = 0xff
 	}
-	slow := 4 * time.Millisecond // per 32 KiB
+	hold := int64(len(corrupt) / 2)
 
 	for _, tc := range []struct {
 		name string
@@ -253,8 +254,8 @@ func TestImport_HostileOrBrokenImagesAreRefusedWithoutManifest(t *testing.T) {
 		{"backing file", readFile(t, top), serveOpts{}, "backing file"},
 		{"truncated", truncated, serveOpts{}, "qcow2"},
 		{"truncated stream", truncated, serveOpts{chunked: true}, "qcow2"},
-		{"corrupt cluster mid-stream", corrupt, serveOpts{delay: slow}, "corrupt"},
-		{"corrupt cluster mid-stream, spilled", corrupt, serveOpts{delay: slow, chunked: true}, "corrupt"},
+		{"corrupt cluster mid-stream", corrupt, serveOpts{holdAt: hold}, "corrupt"},
+		{"corrupt cluster mid-stream, spilled", corrupt, serveOpts{holdAt: hold, chunked: true}, "corrupt"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var sent atomic.Int64
@@ -265,7 +266,7 @@ func TestImport_HostileOrBrokenImagesAreRefusedWithoutManifest(t *testing.T) {
 			checkClass(t, err, ReasonInvalidImage, true, tc.says)
 			checkNoImage(t, c, ref)
 			checkNoLeaks(t)
-			if tc.o.delay > 0 && sent.Load() >= int64(len(tc.data)) {
+			if tc.o.holdAt > 0 && sent.Load() >= int64(len(tc.data)) {
 				t.Errorf("the source was read to its end (%d bytes): the refusal did not stop the transfer", sent.Load())
 			}
 			t.Logf("the source sent %d of %d bytes", sent.Load(), len(tc.data))
