@@ -24,6 +24,14 @@ const mountInfoPath = "/proc/self/mountinfo"
 // target read-only, nosuid, noexec and, unless src is a block device node,
 // nodev. It is idempotent: a target already bind-mounted read-only from src
 // is left alone, so a retried publish succeeds.
+//
+// The mount is made read-only before it is attached (open_tree, then
+// mount_setattr, then move_mount), for two reasons. The node plugin runs in
+// a container whose kubelet directory has Bidirectional propagation: only
+// the attach propagates to the host, a later read-only remount does not,
+// so a bind-then-remount leaves the kubelet's copy writable. And there is
+// no moment at which the target is writable. Kernels before 5.12 (ENOSYS)
+// get bind-then-remount, which is right only without propagation.
 func BindReadOnly(src, target string) error {
 	same, err := sameFile(src, target)
 	if err != nil {
@@ -38,14 +46,46 @@ func BindReadOnly(src, target string) error {
 		return nil
 	case mounted && !same:
 		return fmt.Errorf("bind %s onto %s: target is already a mount point of something else", src, target)
-	case !mounted:
-		if err := unix.Mount(src, target, "", unix.MS_BIND, ""); err != nil {
-			return fmt.Errorf("bind %s onto %s: %w", src, target, err)
+	case mounted:
+		// Left writable by an attempt that died between bind and remount:
+		// made again, since a remount would not reach the propagated copies.
+		if err := Unmount(target); err != nil {
+			return err
 		}
 	}
-	// Here the target is a bind of src, but not yet read-only: either just
-	// made, or left by an attempt that died between the two steps.
+	err = attachReadOnly(src, target)
+	if !errors.Is(err, unix.ENOSYS) {
+		return err
+	}
+	if err := unix.Mount(src, target, "", unix.MS_BIND, ""); err != nil {
+		return fmt.Errorf("bind %s onto %s: %w", src, target, err)
+	}
 	return remountReadOnly(src, target)
+}
+
+// attachReadOnly clones src as a detached mount, makes it read-only (and
+// nosuid, noexec, nodev but for block devices), then attaches it at target.
+func attachReadOnly(src, target string) error {
+	flags, err := bindFlags(src)
+	if err != nil {
+		return err
+	}
+	attr := uint64(unix.MOUNT_ATTR_RDONLY | unix.MOUNT_ATTR_NOSUID | unix.MOUNT_ATTR_NOEXEC)
+	if flags&unix.MS_NODEV != 0 {
+		attr |= unix.MOUNT_ATTR_NODEV
+	}
+	fd, err := unix.OpenTree(unix.AT_FDCWD, src, unix.OPEN_TREE_CLONE|unix.OPEN_TREE_CLOEXEC)
+	if err != nil {
+		return fmt.Errorf("open_tree %s: %w", src, err)
+	}
+	defer unix.Close(fd)
+	if err := unix.MountSetattr(fd, "", unix.AT_EMPTY_PATH, &unix.MountAttr{Attr_set: attr}); err != nil {
+		return fmt.Errorf("mount_setattr on the clone of %s: %w", src, err)
+	}
+	if err := unix.MoveMount(fd, "", unix.AT_FDCWD, target, unix.MOVE_MOUNT_F_EMPTY_PATH); err != nil {
+		return fmt.Errorf("move_mount of %s onto %s: %w", src, target, err)
+	}
+	return nil
 }
 
 // remountReadOnly applies the per-mount flags to the bind at target. The

@@ -128,6 +128,58 @@ func TestBindReadOnlyFile(t *testing.T) {
 	assertMount(t, target, false, false)
 }
 
+// TestBindReadOnlyPropagatesReadOnly: the node plugin mounts into the
+// kubelet's directory through a shared mount (Bidirectional propagation),
+// and the copy the kubelet and the pod see must be read-only too. Here
+// peer is a peer of shared: what is mounted below one appears below the
+// other, and must be read-only in both.
+func TestBindReadOnlyPropagatesReadOnly(t *testing.T) {
+	requireRoot(t)
+	dir := t.TempDir()
+	shared, peer, src := filepath.Join(dir, "shared"), filepath.Join(dir, "peer"), filepath.Join(dir, "src")
+	for _, d := range []string{shared, peer, src} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(src, "disk.img"), []byte("cdrom"), 0o444); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount(shared, shared, "", unix.MS_BIND, ""); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Unmount(shared, unix.MNT_DETACH) })
+	if err := unix.Mount("", shared, "", unix.MS_SHARED, ""); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount(shared, peer, "", unix.MS_BIND, ""); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Unmount(peer, unix.MNT_DETACH) })
+	target := filepath.Join(shared, "target")
+	if err := os.Mkdir(target, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Unmount(filepath.Join(peer, "target"), unix.MNT_DETACH) })
+	unmountOnCleanup(t, target)
+
+	if err := BindReadOnly(src, target); err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range []string{target, filepath.Join(peer, "target")} {
+		mounted, readOnly, err := MountInfo(m)
+		if err != nil || !mounted || !readOnly {
+			t.Errorf("%s: mounted %v, read-only %v (%v); want a read-only mount", m, mounted, readOnly, err)
+		}
+		if err := os.WriteFile(filepath.Join(m, "disk.img"), []byte("x"), 0o444); !errors.Is(err, unix.EROFS) {
+			t.Errorf("writing through %s: %v, want EROFS", m, err)
+		}
+	}
+	if got, _ := os.ReadFile(filepath.Join(src, "disk.img")); string(got) != "cdrom" {
+		t.Errorf("the source changed: %q", got)
+	}
+}
+
 func TestBindReadOnlyRefusesOtherMount(t *testing.T) {
 	requireRoot(t)
 	a, b, target := t.TempDir(), t.TempDir(), t.TempDir()
