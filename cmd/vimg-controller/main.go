@@ -44,6 +44,7 @@ type options struct {
 	namespace                            string
 	dvcrService, dvcrAddress             string
 	tlsSecret, authSecret, caConfigMap   string
+	pullSecret, pullNamespaces           string
 	workerImage, workerPullPolicy        string
 	workerServiceAccount                 string
 	workerCPU, workerMemory              string
@@ -74,6 +75,8 @@ func run() error {
 	flag.StringVar(&o.tlsSecret, "dvcr-tls-secret", "vimg-dvcr-tls", "Secret with DVCR's certificate and CA (created when missing)")
 	flag.StringVar(&o.authSecret, "dvcr-auth-secret", "vimg-dvcr-auth", "Secret with DVCR's users file, token key and credentials (created when missing)")
 	flag.StringVar(&o.caConfigMap, "dvcr-ca-configmap", "vimg-dvcr-ca", "ConfigMap publishing DVCR's CA certificate")
+	flag.StringVar(&o.pullSecret, "dvcr-pull-secret", "vimg-dvcr-pull", "Secret kept in each of --dvcr-pull-secret-namespaces with DVCR's pull credentials and CA only")
+	flag.StringVar(&o.pullNamespaces, "dvcr-pull-secret-namespaces", "vimg-csi", "comma-separated namespaces (outside --namespace) whose components pull from DVCR: the CSI driver's")
 	flag.StringVar(&o.workerImage, "worker-image", "", "container image of the import worker (default: the controller's own image)")
 	flag.StringVar(&o.workerPullPolicy, "worker-image-pull-policy", string(corev1.PullIfNotPresent), "pull policy of the worker image")
 	flag.StringVar(&o.workerServiceAccount, "worker-service-account", "vimg-worker", "service account of import pods")
@@ -130,6 +133,7 @@ func run() error {
 		CAConfigMap: o.caConfigMap, Service: o.dvcrService,
 		UploadTLSSecret: "vimg-upload-tls", UploadService: "vimg-upload",
 		UploadExtraNames: hostOf(o.uploadExternalURL),
+		PullSecret:       o.pullSecret, PullNamespaces: splitList(o.pullNamespaces),
 	})
 	if err != nil {
 		return err
@@ -240,4 +244,15 @@ func bootstrapWithRetry(ctx context.Context, cs kubernetes.Interface, n bootstra
 		case <-time.After(delay):
 		}
 	}
+}
+
+// splitList splits a comma-separated flag value, dropping empty items.
+func splitList(s string) []string {
+	var out []string
+	for _, x := range strings.Split(s, ",") {
+		if x = strings.TrimSpace(x); x != "" {
+			out = append(out, x)
+		}
+	}
+	return out
 }

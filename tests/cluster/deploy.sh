@@ -11,6 +11,8 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
 IMAGE=localhost/vimg/vimg
+# The external-provisioner's image, tagged by its binary's content.
+PROVISIONER_IMAGE=localhost/vimg-lab/csi-provisioner:$(sha256sum "$BIN/csi-provisioner" | cut -c1-16)
 OVERLAY=$LAB/deploy
 UPLOAD_NODE_PORT=30443
 
@@ -35,13 +37,17 @@ fi
 cd "$REPO"
 make --no-print-directory build >&2
 mkdir -p "$IMAGES" "$OVERLAY"
-tag=$(cat bin/vimg bin/dvcr bin/vimg-controller bin/vimg-populator | sha256sum | cut -c1-16)
+tag=$(cat bin/vimg bin/dvcr bin/vimg-controller bin/vimg-populator bin/vimg-csi | sha256sum | cut -c1-16)
 # The worker fetches HTTPS sources, so the image carries the CA roots.
 "$BIN/imgtool" -ref "$IMAGE:$tag" -out "$IMAGES/vimg.tar" -user 65532:65532 \
-	-file bin/vimg:/usr/bin/vimg -file bin/dvcr:/usr/bin/dvcr -file bin/vimg-controller:/usr/bin/vimg-controller -file bin/vimg-populator:/usr/bin/vimg-populator \
+	-file bin/vimg:/usr/bin/vimg -file bin/dvcr:/usr/bin/dvcr -file bin/vimg-controller:/usr/bin/vimg-controller -file bin/vimg-populator:/usr/bin/vimg-populator -file bin/vimg-csi:/usr/bin/vimg-csi \
 	-file /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt -entrypoint /usr/bin/vimg
 ctr --address "$CTR_SOCK" -n k8s.io images import "$IMAGES/vimg.tar" >/dev/null
 log "loaded $IMAGE:$tag"
+# The CSI driver's external-provisioner, from the binary up.sh runs too.
+"$BIN/imgtool" -ref "$PROVISIONER_IMAGE" -out "$IMAGES/csi-provisioner.tar" -user 65532:65532 \
+	-file "$BIN/csi-provisioner:/csi-provisioner" -entrypoint /csi-provisioner
+ctr --address "$CTR_SOCK" -n k8s.io images import "$IMAGES/csi-provisioner.tar" >/dev/null
 
 # kustomize takes bases by relative path only.
 base=$(realpath --relative-to="$OVERLAY" "$REPO/deploy")
@@ -53,6 +59,9 @@ resources:
 images:
 - name: $IMAGE
   newTag: "$tag"
+- name: registry.k8s.io/sig-storage/csi-provisioner
+  newName: ${PROVISIONER_IMAGE%:*}
+  newTag: ${PROVISIONER_IMAGE##*:}
 # The upload gateway is reached from this machine (vimg upload, the demo) on
 # a NodePort of the node's address, which the controller publishes as the
 # external upload URL (and puts in the gateway's certificate).
@@ -64,6 +73,17 @@ patches:
 - target: {kind: Deployment, name: vimg-controller}
   patch: |-
     - {op: add, path: /spec/template/spec/containers/0/args/-, value: "--upload-external-url=https://$NODE_IP:$UPLOAD_NODE_PORT"}
+# The kubelet's directory and the CSI node plugin's state are the lab's.
+- target: {kind: DaemonSet, name: vimg-csi-node}
+  patch: |-
+    - {op: replace, path: /spec/template/spec/volumes/0/hostPath/path, value: "$KUBELET_ROOT"}
+    - {op: replace, path: /spec/template/spec/containers/0/volumeMounts/0/mountPath, value: "$KUBELET_ROOT"}
+    - {op: replace, path: /spec/template/spec/volumes/1/hostPath/path, value: "$LAB/vimg-csi"}
+    - {op: replace, path: /spec/template/spec/containers/0/volumeMounts/1/mountPath, value: "$LAB/vimg-csi"}
+    - {op: replace, path: /spec/template/spec/containers/0/args/1, value: "--endpoint=unix://$KUBELET_ROOT/plugins/images.vimg.dev/csi.sock"}
+    - {op: replace, path: /spec/template/spec/containers/0/args/2, value: "--registration-dir=$KUBELET_ROOT/plugins_registry"}
+    - {op: replace, path: /spec/template/spec/containers/0/args/3, value: "--state-dir=$LAB/vimg-csi"}
+    - {op: add, path: /spec/template/spec/containers/0/args/-, value: "--v=2"}
 # Tests give up a clone the driver refuses sooner than a cluster would.
 - target: {kind: Deployment, name: vimg-populator}
   patch: |-
@@ -78,4 +98,6 @@ kubectl_lab -n vimg-system rollout status deploy/vimg-controller --timeout=180s 
 kubectl_lab -n vimg-system rollout status deploy/vimg-dvcr --timeout=180s >&2
 kubectl_lab -n vimg-system rollout status deploy/vimg-populator --timeout=180s >&2
 kubectl_lab -n vimg-system rollout status deploy/vimg-upload --timeout=180s >&2
+kubectl_lab -n vimg-csi rollout status deploy/vimg-csi-controller --timeout=180s >&2
+kubectl_lab -n vimg-csi rollout status daemonset/vimg-csi-node --timeout=180s >&2
 log "vimg is deployed (image $IMAGE:$tag)"

@@ -108,6 +108,11 @@ links=(); for a in $(busybox --list | grep -vx busybox); do links+=(-symlink "/b
 "$BIN/imgtool" -ref localhost/vimg-lab/coredns:1.14 -out "$IMAGES/coredns.tar" -file "$BIN/coredns:/coredns" -entrypoint /coredns
 for i in "$IMAGES"/*.tar; do ctr --address "$CTR_SOCK" -n k8s.io images import "$i" >/dev/null; done
 
+# The CSI driver images.vimg.dev mounts volumes for the kubelet from a pod,
+# with Bidirectional propagation, which needs the kubelet's directory to be
+# a shared mount (on systemd hosts / is; here it may be private).
+mountpoint -q "$KUBELET_ROOT" || mount --bind "$KUBELET_ROOT" "$KUBELET_ROOT"
+mount --make-rshared "$KUBELET_ROOT"
 sed -e "s|@LAB@|$LAB|g; s|@NODE_IP@|$NODE_IP|g; s|@DNS_SERVICE_IP@|$DNS_SERVICE_IP|g; s|@PKI@|$PKI|g" \
 	"$HERE/config/kubelet.yaml" >"$LAB/kubelet-config.yaml"
 start kubelet "$BIN/kubelet" --config="$LAB/kubelet-config.yaml" --kubeconfig="$LAB/kubelet.kubeconfig" \

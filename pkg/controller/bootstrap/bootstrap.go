@@ -11,6 +11,7 @@
 package bootstrap
 
 import (
+	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -22,6 +23,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"maps"
 	"math/big"
 	"net"
 	"time"
@@ -67,6 +69,13 @@ type Names struct {
 	// an IP address). Empty: none.
 	UploadTLSSecret, UploadService string
 	UploadExtraNames               []string
+	// PullSecret is kept, in each of PullNamespaces, holding the pull
+	// user's credentials and ca.crt only: for components that run
+	// elsewhere (the CSI driver's privileged node plugin cannot run in
+	// Namespace) and must not see the admin's credentials. A namespace that
+	// does not exist is skipped.
+	PullSecret     string
+	PullNamespaces []string
 }
 
 // DVCR is what the controller needs to talk to the registry.
@@ -113,8 +122,48 @@ func Ensure(ctx context.Context, cs kubernetes.Interface, n Names) (DVCR, error)
 			return DVCR{}, err
 		}
 	}
+	for _, ns := range n.PullNamespaces {
+		data := map[string][]byte{KeyPullUser: authSec.Data[KeyPullUser], KeyPullPassword: authSec.Data[KeyPullPassword], KeyCACert: ca}
+		if err := ensurePullCopy(ctx, cs, ns, n.PullSecret, data); err != nil {
+			return DVCR{}, err
+		}
+	}
 	log.Info("DVCR secrets are in place", "namespace", n.Namespace, "tlsSecret", n.TLSSecret, "authSecret", n.AuthSecret)
 	return d, nil
+}
+
+// ensurePullCopy creates or updates the Secret ns/name to hold data, which
+// the auth and TLS Secrets are the source of.
+func ensurePullCopy(ctx context.Context, cs kubernetes.Interface, ns, name string, data map[string][]byte) error {
+	secrets := cs.CoreV1().Secrets(ns)
+	s, err := secrets.Get(ctx, name, metav1.GetOptions{})
+	switch {
+	case apierrors.IsNotFound(err):
+		s = &corev1.Secret{
+			ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns, Labels: map[string]string{"app.kubernetes.io/part-of": "vimg"}},
+			Type:       corev1.SecretTypeOpaque,
+			Data:       data,
+		}
+		_, err = secrets.Create(ctx, s, metav1.CreateOptions{})
+		if apierrors.IsNotFound(err) {
+			klog.FromContext(ctx).Info("Namespace does not exist; no DVCR pull secret there", "namespace", ns)
+			return nil
+		}
+		if err != nil && !apierrors.IsAlreadyExists(err) {
+			return fmt.Errorf("creating secret %s/%s: %w", ns, name, err)
+		}
+		return nil
+	case err != nil:
+		return fmt.Errorf("reading secret %s/%s: %w", ns, name, err)
+	case maps.EqualFunc(s.Data, data, bytes.Equal):
+		return nil
+	}
+	s = s.DeepCopy()
+	s.Data = data
+	if _, err := secrets.Update(ctx, s, metav1.UpdateOptions{}); err != nil {
+		return fmt.Errorf("updating secret %s/%s: %w", ns, name, err)
+	}
+	return nil
 }
 
 func ensureSecret(ctx context.Context, cs kubernetes.Interface, ns, name string, typ corev1.SecretType, gen func() (map[string][]byte, error)) (*corev1.Secret, error) {

@@ -115,3 +115,48 @@ func TestEnsure_ConfigMapFollowsTheSecret(t *testing.T) {
 		t.Fatal("the CA ConfigMap was not brought back in line with the Secret")
 	}
 }
+
+// The pull copy holds the pull user and the CA, never the admin's
+// credentials, and follows the auth Secret.
+func TestEnsure_PullCopyHoldsOnlyWhatPullingNeeds(t *testing.T) {
+	ctx := context.Background()
+	cs := fake.NewClientset()
+	n := names
+	n.PullSecret, n.PullNamespaces = "vimg-dvcr-pull", []string{"vimg-csi"}
+	d, err := Ensure(ctx, cs, n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	authSec, err := cs.CoreV1().Secrets("vimg-system").Get(ctx, "auth", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pull, err := cs.CoreV1().Secrets("vimg-csi").Get(ctx, "vimg-dvcr-pull", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(pull.Data) != 3 || !bytes.Equal(pull.Data[KeyCACert], d.CA) ||
+		!bytes.Equal(pull.Data[KeyPullUser], authSec.Data[KeyPullUser]) || !bytes.Equal(pull.Data[KeyPullPassword], authSec.Data[KeyPullPassword]) {
+		t.Fatalf("pull copy holds %v, want exactly the pull user, its password and ca.crt", keysOf(pull.Data))
+	}
+	// A changed pull password (the auth Secret replaced) is copied again.
+	authSec.Data[KeyPullPassword] = []byte("rotated")
+	if _, err := cs.CoreV1().Secrets("vimg-system").Update(ctx, authSec, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Ensure(ctx, cs, n); err != nil {
+		t.Fatal(err)
+	}
+	pull, _ = cs.CoreV1().Secrets("vimg-csi").Get(ctx, "vimg-dvcr-pull", metav1.GetOptions{})
+	if string(pull.Data[KeyPullPassword]) != "rotated" {
+		t.Errorf("pull copy's password = %q after the auth Secret changed", pull.Data[KeyPullPassword])
+	}
+}
+
+func keysOf(m map[string][]byte) []string {
+	var keys []string
+	for k := range m {
+		keys = append(keys, k)
+	}
+	return keys
+}
