@@ -5,7 +5,8 @@
 # uploaded with `vimg upload` as a ClusterVirtualImage, a copy of it made
 # inside DVCR, a VirtualImage stored in a claim of its own (filled straight
 # from HTTP), and a Block PersistentVolumeClaim filled from the VirtualImage
-# in DVCR by the volume populator, read by a pod.
+# in DVCR by the volume populator, read by a pod; and the ISO as a CD-ROM
+# volume of the CSI driver images.vimg.dev, read by a pod.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -135,3 +136,55 @@ kubectl_lab -n vimg-demo get pvc -o wide
 kubectl_lab -n vimg-demo get pvc cirros-like-disk -o jsonpath='{.metadata.annotations.vimg\.dev/populate-progress}{"\n"}'
 kubectl_lab -n vimg-demo logs disk-reader
 [ "$phase" = Succeeded ] || die "the disk reader did not succeed (pod phase ${phase:-unknown})"
+
+# The uploaded ISO as a VM's CD-ROM: a claim of class vimg-cdrom naming the
+# ClusterVirtualImage. Nothing is copied: the CSI driver images.vimg.dev
+# serves it read-only from the node's cache, filled once from DVCR.
+kubectl_lab -n vimg-demo delete pod cdrom-reader --ignore-not-found >/dev/null
+kubectl_lab apply -f - <<YAML
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata:
+  name: rescue-cdrom
+  namespace: vimg-demo
+spec:
+  storageClassName: vimg-cdrom
+  accessModes: [ReadOnlyMany]
+  resources: {requests: {storage: 1Mi}}
+  dataSourceRef:
+    apiGroup: virtualization.deckhouse.io
+    kind: ClusterVirtualImage
+    name: rescue-iso
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: cdrom-reader
+  namespace: vimg-demo
+spec:
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: read
+    image: localhost/vimg-lab/busybox:1.35
+    imagePullPolicy: Never
+    command: [/bin/sh, -c, 'ls -ln /cdrom; echo "sha256 in the pod: \$(sha256sum /cdrom/disk.img | cut -d" " -f1)"; if echo x >> /cdrom/disk.img; then echo "write: accepted"; else echo "write: refused"; fi']
+    volumeMounts: [{name: cdrom, mountPath: /cdrom, readOnly: true}]
+  volumes:
+  - name: cdrom
+    persistentVolumeClaim: {claimName: rescue-cdrom, readOnly: true}
+YAML
+for i in $(seq 1 180); do
+	phase=$(kubectl_lab -n vimg-demo get pod cdrom-reader -o jsonpath='{.status.phase}')
+	case "$phase" in Succeeded | Failed) break ;; esac
+	sleep 1
+done
+echo
+echo "== the ISO as a CD-ROM volume (class vimg-cdrom, driver images.vimg.dev)"
+kubectl_lab -n vimg-demo get pvc rescue-cdrom -o wide
+kubectl_lab -n vimg-demo logs cdrom-reader 2>&1
+echo "sha256 of the ISO:    $(sha256sum "$DEMO/www/rescue.iso" | cut -d' ' -f1)"
+[ "$phase" = Succeeded ] || die "the CD-ROM reader did not succeed (pod phase ${phase:-unknown})"
+kubectl_lab -n vimg-demo logs cdrom-reader | grep -q "write: refused" || die "the CD-ROM accepted a write"
+kubectl_lab -n vimg-demo logs cdrom-reader | grep -q "sha256 in the pod: $(sha256sum "$DEMO/www/rescue.iso" | cut -d' ' -f1)" ||
+	die "the CD-ROM does not hold the ISO"
