@@ -108,6 +108,10 @@ bench: build ## vimg convert vs qemu-img convert side by side (throughput, RSS, 
 bench-dvcr: build ## push/pull of a 2 GiB disk file through DVCR (TLS, loopback) vs cp on the same disk
 	$(GO) run ./tests/bench/dvcr -dvcr $(BIN)/dvcr
 
+.PHONY: bench-csi
+bench-csi: build ## CSI node publish: cold (1 GiB cache fill from DVCR) vs cp on the same disk, warm publish latency (needs root)
+	$(GO) run ./tests/bench/csi -dvcr $(BIN)/dvcr
+
 .PHONY: bench-populate
 bench-populate: build ## HTTP qcow2 (2 GiB, zlib) → volume: vimg (through DVCR, and straight) vs download + qemu-img convert
 	$(GO) run ./tests/bench/populate -dvcr $(BIN)/dvcr

@@ -5,13 +5,20 @@ package e2e
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
+
+	"github.com/kubernetes-csi/csi-test/v5/pkg/sanity"
 
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -83,6 +90,9 @@ func TestCSI_CDROMClaimsServeTheISOReadOnly(t *testing.T) {
 		claim := strings.Replace(imageClaim(c.name, cdromClass, c.mode, c.kind, c.image, "1Mi"), "ReadWriteOnce", c.access, 1)
 		f.Apply(claim + "---\n" + shellPod(c.name, c.name, c.mode, cdromReader(c.mode)))
 	}
+	// A second pod of the same claim on the node, as a CD-ROM hotplugged
+	// into a second VM.
+	f.Apply(shellPod("vi-fs-again", "vi-fs", "Filesystem", cdromReader("Filesystem")))
 	st := waitPhase(f, "vi", "rescue", v1.ImagePhaseReady, 4*time.Minute)
 	if st.Format != v1.ImageFormatISO {
 		t.Fatalf("the image's format is %q, want iso", st.Format)
@@ -129,6 +139,11 @@ func TestCSI_CDROMClaimsServeTheISOReadOnly(t *testing.T) {
 				t.Errorf("progress annotation %q, want 100%%", p)
 			}
 		})
+	}
+
+	f.WaitForPodPhase("vi-fs-again", corev1.PodSucceeded, 4*time.Minute)
+	if out := f.PodLogs("vi-fs-again"); field(out, "sum") != sum || field(out, "write") != "refused" {
+		t.Errorf("a second pod of claim vi-fs read %q; want the ISO's sha256 %s and the write refused", out, sum)
 	}
 
 	// The volumes go with their claims; nothing is left of the populator.
@@ -396,4 +411,74 @@ func pluginReady(t *testing.T, f *framework.Framework) bool {
 		return s.Ready
 	}
 	return false
+}
+
+// TestCSI_SanityAgainstTheDeployedNodePlugin runs csi-sanity against the
+// node plugin the DaemonSet runs, on its socket in the kubelet's
+// directory, with the pin of a real vimg-cdrom volume of a Debian ISO.
+// Targets are made in the kubelet's directory, which the plugin sees at the
+// same path; every published target must reach this host (mount
+// propagation) as a read-only mount holding the ISO.
+func TestCSI_SanityAgainstTheDeployedNodePlugin(t *testing.T) {
+	f := framework.New(t)
+	url, sum := debianISO(t)
+	f.Apply(viManifest("rescue", url, ""))
+	f.Apply(imageClaim("cd", cdromClass, "Filesystem", "VirtualImage", "rescue", "1Mi"))
+	waitPhase(f, "vi", "rescue", v1.ImagePhaseReady, 4*time.Minute)
+	var attrs map[string]string
+	f.WaitFor("claim cd to be bound", 2*time.Minute, func(ctx context.Context) (bool, error) {
+		pvc, err := f.Client.CoreV1().PersistentVolumeClaims(f.Namespace).Get(ctx, "cd", metav1.GetOptions{})
+		if err != nil || pvc.Spec.VolumeName == "" || pvc.Status.Phase != corev1.ClaimBound {
+			return false, err
+		}
+		pv, err := f.Client.CoreV1().PersistentVolumes().Get(ctx, pvc.Spec.VolumeName, metav1.GetOptions{})
+		if err != nil {
+			return false, err
+		}
+		attrs = pv.Spec.CSI.VolumeAttributes
+		return true, nil
+	})
+	size, err := strconv.ParseInt(attrs["vimg.dev/disk-size"], 10, 64)
+	if err != nil {
+		t.Fatalf("volume attributes %v: %v", attrs, err)
+	}
+
+	kubelet := filepath.Join(framework.LabDir(), "kubelet")
+	dir := filepath.Join(kubelet, "plugins", csiDriver, "sanity-"+f.Namespace)
+	if err := os.MkdirAll(dir, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	var checked atomic.Int64
+	cfg := sanity.NewTestConfig()
+	cfg.Address = "unix://" + filepath.Join(kubelet, "plugins", csiDriver, "csi.sock")
+	cfg.TargetPath = filepath.Join(dir, "mount")
+	cfg.StagingPath = filepath.Join(dir, "staging")
+	cfg.TestVolumeParameters = attrs
+	cfg.TestVolumeSize = size
+	cfg.CheckPath = func(path string) (sanity.PathKind, error) {
+		fi, err := os.Lstat(path)
+		switch {
+		case errors.Is(err, fs.ErrNotExist):
+			return sanity.PathIsNotFound, nil
+		case err != nil:
+			return sanity.PathIsOther, err
+		case !fi.IsDir():
+			return sanity.PathIsOther, nil
+		}
+		if mounted(t, path) {
+			if got := testimg.SHA256File(t, filepath.Join(path, "disk.img")); got != sum {
+				return sanity.PathIsDir, fmt.Errorf("%s/disk.img has sha256 %s, the ISO %s", path, got, sum)
+			}
+			if err := os.WriteFile(filepath.Join(path, "x"), nil, 0o644); !errors.Is(err, syscall.EROFS) {
+				return sanity.PathIsDir, fmt.Errorf("writing in %s: %v, want EROFS", path, err)
+			}
+			checked.Add(1)
+		}
+		return sanity.PathIsDir, nil
+	}
+	sanity.Test(t, cfg)
+	if checked.Load() == 0 {
+		t.Error("sanity never checked a published target")
+	}
 }

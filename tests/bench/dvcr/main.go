@@ -18,7 +18,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	mrand "math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -31,6 +30,7 @@ import (
 	"vimg.dev/vimg/dvcr/client"
 	"vimg.dev/vimg/dvcr/layout"
 	"vimg.dev/vimg/tests/bench/internal/benchdvcr"
+	"vimg.dev/vimg/tests/bench/internal/benchfile"
 )
 
 func main() {
@@ -52,7 +52,7 @@ func main() {
 	in := *input
 	if in == "" {
 		in = filepath.Join(*dir, "input.img")
-		if err := makeInput(in, *size); err != nil {
+		if err := benchfile.Random(context.Background(), in, *size); err != nil {
 			fatal(err)
 		}
 	}
@@ -141,7 +141,7 @@ func main() {
 			}
 		}
 	}
-	if err := sameFile(in, pulled); err != nil {
+	if err := benchfile.Same(in, pulled); err != nil {
 		fatal(err)
 	}
 
@@ -282,37 +282,6 @@ feed:
 type discardAt struct{}
 
 func (discardAt) WriteAt(p []byte, _ int64) (int, error) { return len(p), nil }
-
-// makeInput writes size pseudo-random bytes (incompressible, no holes: the
-// worst case for every layer) unless the file is already there.
-func makeInput(path string, size int64) error {
-	if st, err := os.Stat(path); err == nil && st.Size() == size {
-		return nil
-	}
-	f, err := os.Create(path)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	rng := mrand.NewChaCha8([32]byte{1})
-	buf := make([]byte, 4<<20)
-	for left := size; left > 0; left -= int64(len(buf)) {
-		b := buf[:min(int64(len(buf)), left)]
-		rng.Read(b)
-		if _, err := f.Write(b); err != nil {
-			return err
-		}
-	}
-	return f.Close()
-}
-
-func sameFile(a, b string) error {
-	out, err := exec.Command("cmp", a, b).CombinedOutput()
-	if err != nil {
-		return fmt.Errorf("the pulled file differs from the input: %v: %s", err, out)
-	}
-	return nil
-}
 
 func fatal(err error) {
 	fmt.Fprintln(os.Stderr, "bench:", err)
