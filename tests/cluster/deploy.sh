@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Deploys vimg into the local cluster, the way an installation does it:
-# our one image (vimg, dvcr, vimg-controller, vimg-populator) is built here and imported
+# our one image (vimg, dvcr, vimg-controller, vimg-populator, vimg-csi) is built here and imported
 # into the node's containerd, then `kubectl apply -k deploy` runs with the
 # image tag set to the content hash of the binaries, so a changed build
 # always rolls out and an unchanged one is a no-op.
