@@ -145,6 +145,7 @@ func run() error {
 	defer stop()
 	ctx = klog.NewContext(ctx, klog.Background())
 	klog.InfoS("Starting vimg-csi", "version", version.Version, "mode", mode, "node", nodeID, "endpoint", endpoint)
+	regErr := make(chan error, 1)
 	if node && registrationDir != "" {
 		socket, err := driver.ParseEndpoint(endpoint)
 		if err != nil {
@@ -156,10 +157,16 @@ func run() error {
 		reg := &registration.Server{Driver: driver.DefaultName, Endpoint: kubeletEndpoint}
 		go func() {
 			if err := registration.Serve(ctx, reg, registrationDir, socket); err != nil {
-				klog.ErrorS(err, "Kubelet plugin registration failed")
-				stop() // the pod restarts and registers anew
+				regErr <- err
+				stop() // exit with the error: the pod restarts and registers anew
 			}
 		}()
 	}
-	return driver.Serve(ctx, endpoint, d)
+	err = driver.Serve(ctx, endpoint, d)
+	select {
+	case rerr := <-regErr:
+		return fmt.Errorf("kubelet plugin registration: %w", rerr)
+	default:
+		return err
+	}
 }
